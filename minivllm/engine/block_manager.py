@@ -1,0 +1,201 @@
+"""The paged KV cache's bookkeeping: which physical block holds which request's tokens.
+
+Pure Python, no torch: the model runner, the simulator and the course widgets drive the same object.
+
+* Each request owns a *block table*: logical block i of the request lives in physical block
+  ``block_table[i]``; a block holds ``block_size`` tokens.
+* Automatic prefix caching: a full block is named by a hash chained over every token before it
+  (``hash(parent_hash, tokens)``), so equal hashes mean equal prefixes. A new request walks its
+  prompt block by block and reuses cached blocks (ref count + 1) instead of recomputing them. A hit
+  also compares the stored token ids, so a hash collision can never hand out the wrong KV.
+* Freed blocks keep their contents and their hash: they wait in an LRU free queue and can still be
+  hit until a new allocation evicts them (least recently freed first).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from minivllm.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and its tokens are known
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class BlockEvents:
+    """What the block manager did since the last `drain_events` (read into the step trace)."""
+
+    allocated: list[int] = field(default_factory=list)
+    freed: list[int] = field(default_factory=list)
+    cache_hits: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+
+
+def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Hash of a full block, which depends on every token before it through ``parent_hash``."""
+    return hash((parent_hash, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks!r} must be an int >= 1")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # ref_count == 0 blocks, oldest-freed first; they may still be cached (have a hash)
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.num_cached_free_blocks = 0  # free blocks that still hold cached contents
+        self.events = BlockEvents()
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request references: truly empty ones plus cached ones that may be evicted."""
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_queue)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Physical blocks that already hold a prefix of ``seq``'s tokens (full blocks only).
+
+        The last token of the sequence is never served from the cache: the model must run on it to
+        produce the next token's logits, so at most ``(num_tokens - 1) // block_size`` blocks hit.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(parent, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    # ---- allocation ----------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int]) -> bool:
+        """Whether ``seq`` (with no blocks yet) can get blocks for its first ``num_new_tokens``
+        uncached tokens. Reviving a cached block from the free queue also uses up a free block."""
+        total = len(cached_blocks) * self.block_size + num_new_tokens
+        fresh = self.blocks_needed(total) - len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        return fresh + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, cached_blocks: list[int]) -> None:
+        """Give a waiting ``seq`` its cached prefix blocks; sets ``num_computed_tokens`` to match."""
+        assert not seq.block_table, f"{seq.request_id} already holds blocks"
+        for block_id in cached_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+                self.num_cached_free_blocks -= 1
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        self.events.cache_hits.extend(cached_blocks)
+        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return need <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grow ``seq``'s table to cover ``num_new_tokens`` more tokens, then register the blocks
+        those tokens fill in the prefix cache (their K/V is written in this very step)."""
+        end = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) < self.blocks_needed(end):
+            seq.block_table.append(self._take_free_block())
+        if self.enable_prefix_caching:
+            self._register_full_blocks(seq, end)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references. Tail blocks are queued first so they are evicted first:
+        a prefix is worth more to later requests than the tail that hangs from it."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                self.num_cached_free_blocks += block.block_hash is not None
+                self.events.freed.append(block_id)
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+
+    def drain_events(self) -> BlockEvents:
+        events, self.events = self.events, BlockEvents()
+        return events
+
+    # ---- internals -----------------------------------------------------------------------
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict the cached contents
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            self.num_cached_free_blocks -= 1
+            self.events.evicted.append(block_id)
+        block.block_hash, block.token_ids, block.ref_count = None, (), 1
+        self.events.allocated.append(block_id)
+        return block_id
+
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Hash the blocks that become full with the first ``num_tokens`` tokens. Blocks before
+        ``num_computed_tokens`` were hashed when they filled (or were cache hits)."""
+        bs = self.block_size
+        first = seq.num_computed_tokens // bs
+        parent = self.blocks[seq.block_table[first - 1]].block_hash if first else None
+        for i in range(first, num_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is None:
+                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                block.block_hash = chain_hash(parent, block.token_ids)
+                # first writer wins; a duplicate stays private to its request and is never hit
+                self.cached.setdefault(block.block_hash, block.block_id)
+            parent = block.block_hash
+
+    # ---- invariants (tests call this after every step) ------------------------------------
+    def check_invariants(self, seqs: list[Sequence]) -> None:
+        """Raise AssertionError, in words, if the bookkeeping is inconsistent with ``seqs``
+        (every request that currently holds blocks). Call it between engine steps."""
+        refs = [0] * self.num_blocks
+        for seq in seqs:
+            assert len(set(seq.block_table)) == len(seq.block_table), \
+                f"{seq.request_id} lists a block twice: {seq.block_table}"
+            assert len(seq.block_table) == self.blocks_needed(seq.num_computed_tokens), (
+                f"{seq.request_id} has {seq.num_computed_tokens} tokens in the cache but holds "
+                f"{len(seq.block_table)} blocks")
+            for b in seq.block_table:
+                refs[b] += 1
+        for block in self.blocks:
+            assert block.ref_count == refs[block.block_id], (
+                f"block {block.block_id} has ref_count {block.ref_count} but {refs[block.block_id]} "
+                "table references")
+            in_free = block.block_id in self.free_queue
+            assert in_free == (block.ref_count == 0), (
+                f"block {block.block_id} with ref_count {block.ref_count} is "
+                f"{'in' if in_free else 'missing from'} the free queue")
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].block_hash == h, f"cache entry for block {block_id} has a stale hash"
+        cached_free = sum(1 for b in self.free_queue if self.blocks[b].block_hash is not None)
+        assert cached_free == self.num_cached_free_blocks, (
+            f"{cached_free} free blocks hold cached contents, but the counter says {self.num_cached_free_blocks}")
+        assert len(self.free_queue) + sum(1 for r in refs if r) == self.num_blocks, "a block leaked"

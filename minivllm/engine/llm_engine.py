@@ -1,0 +1,177 @@
+"""The engine loop: schedule, run the model, apply stops, record the step."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Union
+
+from minivllm.config import EngineConfig, ModelConfig
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.scheduler import Scheduler
+from minivllm.engine.sequence import Sequence
+from minivllm.engine.trace import StepRecord, make_step_record
+from minivllm.models.loader import resolve_model_folder
+from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("minivllm")
+
+PromptType = Union[str, dict]
+
+
+class LLMEngine:
+    """Requests in, one scheduled step at a time. ``trace`` holds a `StepRecord` per step."""
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer  # tokenizer only; the model is minivllm's own
+
+        from minivllm.worker.model_runner import ModelRunner
+
+        self.config = config
+        folder = resolve_model_folder(config.model)
+        self.model_config = mc = ModelConfig.from_folder(folder)
+        self.max_model_len = self._resolve_max_model_len(config, mc)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.eos_token_ids = set(mc.eos_token_ids) or (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.model_runner = ModelRunner(config, mc, folder, self.max_model_len)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   enable_chunked_prefill=config.enable_chunked_prefill,
+                                   batching_policy=config.batching_policy)
+        self.requests: dict[str, Sequence] = {}
+        self.trace: list[StepRecord] = []
+        tokens = self.model_runner.num_blocks * config.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
+                    "max_model_len=%d: %.2fx", self.model_runner.num_blocks, config.block_size, tokens,
+                    self.max_model_len, tokens / self.max_model_len)
+
+    @staticmethod
+    def _resolve_max_model_len(cfg: EngineConfig, mc: ModelConfig) -> int:
+        limit = mc.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        max_len = cfg.max_model_len or limit
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len:
+            raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} is smaller than "
+                             f"max_model_len={max_len}: without chunked prefill a whole prompt must fit "
+                             "in one step (raise it, lower max_model_len, or enable chunked prefill)")
+        return max_len
+
+    # ---- requests ----------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Sequence:
+        """Validate one request and turn it into a `Sequence`; raises ValueError, changes nothing."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params={params!r} must be a SamplingParams")
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError(f"prompt={prompt!r} is empty: a request needs at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contain {bad[:3]!r}, outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens is longer than "
+                             f"max_model_len={self.max_model_len}")
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids={bad_stops!r} lie outside the vocabulary [0, {vocab})")
+        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        need = self.block_manager.blocks_needed(longest)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"prompt of {len(token_ids)} tokens plus max_tokens={params.max_tokens} needs "
+                             f"{need} KV blocks, but the cache has only {self.block_manager.num_blocks}")
+        return Sequence(request_id, token_ids, params, arrival_time=time.time(), prompt=text)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"prompt_token_ids={ids!r} must be a list of ints")
+            return prompt.get("prompt"), list(ids)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"prompt={prompt!r} must be a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}")
+
+    def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None) -> None:
+        self.add_sequence(self.make_sequence(str(request_id), prompt, sampling_params or SamplingParams()))
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Stop requests wherever they are; each comes back with ``finish_reason="abort"``."""
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        outputs = []
+        for rid in ids:
+            seq = self.requests.get(rid)
+            if seq is not None:
+                self.scheduler.finish(seq, "abort")
+                outputs.append(self._finish_output(seq))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the requests that finished in it."""
+        start = time.time()
+        out = self.scheduler.schedule()
+        if out.is_empty and self.scheduler.has_unfinished():
+            raise RuntimeError("the scheduler could not schedule any waiting request; this is a bug")
+        for chunk in out.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = start
+        sampled = self.model_runner.execute(out) if out.chunks else {}
+        self.scheduler.update(out, sampled)
+        now = time.time()
+        finished = [seq for seq, token in sampled.items() if self._check_stop(seq, token, now)]
+        for seq in finished:
+            self.scheduler.finish(seq, seq.finish_reason)
+        self.trace.append(make_step_record(
+            len(self.trace), start, now, out, sampled, finished, self.block_manager,
+            len(self.scheduler.running), len(self.scheduler.waiting)))
+        return [self._finish_output(seq) for seq in finished]
+
+    def _check_stop(self, seq: Sequence, token: int, now: float) -> bool:
+        """Apply the request's stop conditions to its newest token; sets ``finish_reason``."""
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.sampling_params
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif p.stop and (stop := self._find_stop_string(seq)) is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def _find_stop_string(self, seq: Sequence) -> str | None:
+        """The stop string that occurs first in the output text, if any."""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        found = [(text.find(s), s) for s in seq.sampling_params.stop if s in text]
+        return min(found)[1] if found else None
+
+    def _finish_output(self, seq: Sequence) -> RequestOutput:
+        self.requests.pop(seq.request_id, None)
+        self.model_runner.release(seq.request_id)
+        seq.finished_time = time.time()
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if isinstance(seq.stop_reason, str):
+            text = text[:text.find(seq.stop_reason)]  # vLLM leaves the stop string out of the text
+        completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
+                                 seq.finished_time, seq.num_cached_tokens or 0, seq.num_preemptions)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [completion],
+                             finished=True, metrics=metrics)

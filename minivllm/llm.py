@@ -1,0 +1,83 @@
+"""`LLM`: the offline API, shaped like vLLM's."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from minivllm.config import EngineConfig
+from minivllm.engine.llm_engine import LLMEngine, PromptType
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("minivllm")
+if not logger.handlers:  # like vLLM, say what the engine decided (cache size) unless told otherwise
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s minivllm: %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+
+
+class LLM:
+    """Load a model folder (or hub id) and generate for batches of prompts.
+
+    >>> llm = LLM("path/to/Qwen3-0.6B")
+    >>> out = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=32))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
+                 num_kv_blocks: int | None = None, seed: int = 0, batching_policy: str = "continuous"):
+        config = EngineConfig(
+            model=model, dtype=dtype, device=device, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
+            num_kv_blocks=num_kv_blocks, seed=seed, batching_policy=batching_policy)
+        self.llm_engine = LLMEngine(config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order. All prompts are checked
+        before any work starts, so a bad one raises ValueError and leaves the engine untouched."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts={prompts!r} must be a str, a prompt dict, or a non-empty list of them")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        engine = self.llm_engine
+        seqs = [engine.make_sequence(str(next(self._request_counter)), p, sp) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            engine.add_sequence(seq)
+        outputs: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(seqs), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start, out_tokens = time.perf_counter(), 0
+        try:
+            while len(outputs) < len(seqs):
+                for out in engine.step():
+                    outputs[out.request_id] = out
+                    out_tokens += len(out.outputs[0].token_ids)
+                    bar.update(1)
+                    bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
+        except BaseException:
+            engine.abort_request([s.request_id for s in seqs if s.request_id not in outputs])
+            raise
+        finally:
+            bar.close()
+        return [outputs[s.request_id] for s in seqs]

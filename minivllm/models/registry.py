@@ -1,0 +1,19 @@
+"""Which Hugging Face architecture is served by which model class."""
+from __future__ import annotations
+
+from minivllm.config import ModelConfig
+from minivllm.models.llama import DecoderForCausalLM, Variant
+
+ARCHITECTURES: dict[str, Variant] = {
+    "LlamaForCausalLM": Variant(),
+    "Qwen2ForCausalLM": Variant(qkv_bias=True),
+    "Qwen3ForCausalLM": Variant(qk_norm=True),
+}
+
+
+def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> DecoderForCausalLM:
+    variant = ARCHITECTURES.get(cfg.architecture)
+    if variant is None:
+        raise ValueError(f"architectures=[{cfg.architecture!r}] is not supported; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    return DecoderForCausalLM(cfg, variant, tp_rank, tp_size)

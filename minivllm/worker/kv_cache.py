@@ -1,0 +1,49 @@
+"""How many KV blocks the cache gets, and the cache tensor itself."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from minivllm.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger("minivllm")
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30  # cap when kv_cache_memory is not given on the CPU
+
+
+def bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """K and V, every layer, ``block_size`` tokens, this rank's KV heads."""
+    kv_heads = mc.num_key_value_heads // tp_size
+    return 2 * mc.num_hidden_layers * block_size * kv_heads * mc.head_dim * dtype.itemsize
+
+
+def choose_num_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int, dtype: torch.dtype,
+                      device: torch.device, peak_forward_bytes: int | None = None) -> int:
+    """``num_kv_blocks`` if given; on CUDA what ``gpu_memory_utilization`` leaves after the weights and
+    a profiled forward pass (``peak_forward_bytes``); on the CPU ``kv_cache_memory`` bytes (default:
+    enough for ``max_num_seqs`` requests at ``max_model_len``, at most 4 GiB)."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    per_block = bytes_per_block(mc, cfg.block_size, dtype)
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        budget = int(total * cfg.gpu_memory_utilization) - (peak_forward_bytes or 0)
+        source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
+    elif cfg.kv_cache_memory is not None:
+        budget, source = cfg.kv_cache_memory, f"kv_cache_memory={cfg.kv_cache_memory}"
+    else:
+        wanted = -(-cfg.max_num_seqs * max_model_len // cfg.block_size) * per_block
+        budget, source = min(wanted, DEFAULT_CPU_KV_CACHE_BYTES), "the CPU default"
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(f"{source} leaves {budget} bytes for the KV cache, less than one block "
+                         f"({per_block} bytes)")
+    return num_blocks
+
+
+def allocate_kv_cache(mc: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """``[2 (K, V), layers, slots, kv_heads, head_dim]``, zeroed so that padding reads stay finite."""
+    return torch.zeros(2, mc.num_hidden_layers, num_blocks * block_size, mc.num_key_value_heads,
+                       mc.head_dim, dtype=dtype, device=device)
