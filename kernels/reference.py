@@ -26,10 +26,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for each sequence (padding repeats a valid row); key_slots: ``[seqs, k_len]`` the cache slot of
     every context position; mask: ``[seqs, q_len, k_len]``, True where the query may attend
     (causal, within the context). Returns ``[seqs, q_len, heads, head_dim]``.
+
+    Grouped-query attention: the ``heads // kv_heads`` query heads that share a KV head are folded
+    into extra query rows, so the keys are read once per KV head and never repeated.
     """
-    queries = q[query_index].transpose(1, 2)  # [seqs, heads, q_len, d]
-    keys = k_cache[key_slots].transpose(1, 2)  # [seqs, kv_heads, k_len, d]
-    values = v_cache[key_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.unsqueeze(1),
-                                         scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
+    seqs, q_len = query_index.shape
+    k_len = key_slots.shape[1]
+    heads, d = q.shape[1:]
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    queries = q.index_select(0, query_index.flatten()).view(seqs, q_len, kv_heads, group, d)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(seqs, kv_heads, q_len * group, d)
+    keys = k_cache.index_select(0, key_slots.flatten()).view(seqs, k_len, kv_heads, d).transpose(1, 2)
+    values = v_cache.index_select(0, key_slots.flatten()).view(seqs, k_len, kv_heads, d).transpose(1, 2)
+    mask = mask.unsqueeze(2).expand(seqs, q_len, group, k_len).reshape(seqs, 1, q_len * group, k_len)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    return out.view(seqs, kv_heads, q_len, group, d).permute(0, 2, 1, 3, 4).reshape(seqs, q_len, heads, d)

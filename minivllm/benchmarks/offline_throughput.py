@@ -68,6 +68,14 @@ def load_average() -> str:
         return "load average unknown"
 
 
+def _busy(threads: int) -> bool:
+    """Is the 1-minute load high enough that ``threads`` more busy threads oversubscribe the CPUs?"""
+    try:
+        return os.getloadavg()[0] + threads > (os.cpu_count() or 1) + 0.5
+    except (AttributeError, OSError):
+        return False
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -193,8 +201,10 @@ def main(argv=None) -> None:
         print(f"machine : {cpu_model()} ({os.cpu_count()} logical cores), {platform.system()} "
               f"{platform.machine()}, python {platform.python_version()}, torch {torch.__version__}")
         import transformers
-        print(f"load    : {load_average()} before the runs (other processes skew the timings; with "
-              f"torch threads = all cores, a busy machine can slow either side several times)")
+        print(f"load    : {load_average()} before the runs")
+        if _busy(threads):
+            print("WARNING : the machine is busy; other processes skew the timings, and torch threads "
+                  "competing for cores can slow either side several times (try --threads 1)")
         print(f"settings: torch threads {torch.get_num_threads()}, dtype {args.dtype}, "
               f"transformers {transformers.__version__}, max_num_seqs {args.max_num_seqs}")
         print(f"model   : {model_desc}; vocab {mc.vocab_size}")
@@ -216,7 +226,7 @@ def main(argv=None) -> None:
             t_elapsed, t_tokens, t_generated = run_transformers(
                 folder, requests, args.max_num_seqs, dtype, pad_id, warmup)
             rows.append(("transformers", t_elapsed, t_tokens,
-                         f"{t_generated} generated, {t_generated - t_tokens} wasted"))
+                         f"{t_generated} generated, {t_generated - t_tokens} wasted on padding"))
 
     print()
     print(f"{'system':<14}{'elapsed s':>11}{'output tokens':>15}{'output tok/s':>14}  note")

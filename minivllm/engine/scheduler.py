@@ -18,6 +18,7 @@ recomputed later (its generated tokens are kept, and the prefix cache often make
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.batching_policy = batching_policy
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order; preemption takes from the end
+        self.running: list[Sequence] = []  # oldest arrival first; preemption takes from the end
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -101,7 +102,8 @@ class Scheduler:
         if self.enable_chunked_prefill or not self._schedule_whole_prompts(out):
             budget = self.max_num_batched_tokens
             budget = self._schedule_running(out, budget)
-            if self.enable_chunked_prefill:
+            # a step that had to preempt is short of blocks: admitting now would only thrash
+            if self.enable_chunked_prefill and not out.preempted:
                 self._schedule_waiting(out, budget, chunked=True)
         return out
 
@@ -142,7 +144,7 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             bm.append_slots(seq, num_new)
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
 

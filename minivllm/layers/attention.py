@@ -12,13 +12,14 @@ from minivllm.kernels.reference import paged_attention, store_kv
 @dataclass
 class AttentionGroup:
     """Sequences padded together for the torch reference attention (see ``paged_attention``).
-    Decodes form one group (one query each) and prefill chunks another, so that a long prompt
-    chunk does not pad hundreds of single-token decodes."""
+    Prefill chunks form one group and decodes (one query each) others, split by context length,
+    so that neither a long prompt chunk nor one long context pads hundreds of short decodes."""
 
     query_index: torch.Tensor  # [seqs, q_len] rows of the flat batch
-    query_valid: torch.Tensor  # [seqs, q_len] False on padding
     key_slots: torch.Tensor  # [seqs, k_len]
     mask: torch.Tensor  # [seqs, q_len, k_len]
+    padded_rows: torch.Tensor  # which rows of the flattened [seqs * q_len] result are real...
+    out_rows: torch.Tensor  # ...and the rows of the flat batch they go to
 
 
 @dataclass
@@ -29,9 +30,9 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
 
 
-def build_attention_group(query_starts: list[int], query_lens: list[int], context_lens: list[int],
-                          block_tables: list[list[int]], block_size: int,
-                          device: torch.device) -> AttentionGroup:
+def build_attention_group(query_starts: tuple[int, ...], query_lens: tuple[int, ...],
+                          context_lens: tuple[int, ...], block_tables: tuple[list[int], ...], *,
+                          block_size: int, device: torch.device) -> AttentionGroup:
     """Index tensors for sequences whose new tokens sit at rows ``query_starts[i] ...`` of the flat
     batch and are the last ``query_lens[i]`` of ``context_lens[i]`` tokens in the cache."""
     q_len, k_len = max(query_lens), max(context_lens)
@@ -47,8 +48,9 @@ def build_attention_group(query_starts: list[int], query_lens: list[int], contex
     mask = torch.arange(k_len)[None, None, :] <= abs_qpos[:, :, None]
     mask &= query_valid[:, :, None]
     mask[:, :, 0] = True  # padding rows attend to something harmless instead of producing NaN
-    return AttentionGroup(query_index.to(device), query_valid.to(device), key_slots.to(device),
-                          mask.to(device))
+    padded_rows = torch.nonzero(query_valid.flatten()).flatten()
+    return AttentionGroup(query_index.to(device), key_slots.to(device), mask.to(device), padded_rows.to(device),
+                          query_index.flatten()[padded_rows].to(device))
 
 
 class Attention(nn.Module):
@@ -65,5 +67,5 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for g in meta.groups:
             o = paged_attention(q, self.k_cache, self.v_cache, g.query_index, g.key_slots, g.mask, self.scale)
-            out[g.query_index[g.query_valid]] = o[g.query_valid]
+            out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.padded_rows))
         return out

@@ -25,6 +25,23 @@ class ModelInput:
     logits_rows: torch.Tensor  # rows whose hidden state predicts a sequence's next token
 
 
+def split_by_context_length(entries: list[tuple], min_group: int = 8, max_padding: float = 1.5) -> list[list]:
+    """Cut single-query sequences into groups of similar context length. Each group is padded to its
+    longest context; a new group starts once padding would exceed ``max_padding`` times the real
+    keys (and the group already has ``min_group`` members: every group costs a kernel call)."""
+    groups: list[list] = []
+    real = 0
+    for e in sorted(entries, key=lambda e: e[2]):
+        ctx = e[2]
+        if groups and (len(groups[-1]) < min_group or ctx * (len(groups[-1]) + 1) <= max_padding * (real + ctx)):
+            groups[-1].append(e)
+            real += ctx
+        else:
+            groups.append([e])
+            real = ctx
+    return groups
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int):
         self.cfg, self.mc = cfg, mc
@@ -75,7 +92,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        groups: dict[bool, tuple[list, ...]] = {}  # is_decode -> (starts, q_lens, ctx_lens, tables)
+        decodes, prefills = [], []  # (first row, query length, context length, block table)
         for c in chunks:
             seq, start, end = c.seq, c.start, c.start + c.num_new_tokens
             row = len(input_ids)
@@ -85,12 +102,12 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if c.samples:
                 logits_rows.append(len(input_ids) - 1)
-            g = groups.setdefault(c.num_new_tokens == 1, ([], [], [], []))
-            g[0].append(row), g[1].append(c.num_new_tokens), g[2].append(end), g[3].append(table)
+            (decodes if c.num_new_tokens == 1 else prefills).append((row, c.num_new_tokens, end, table))
         dev = self.device
+        groups = split_by_context_length(decodes) + ([prefills] if prefills else [])
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=dev),
-            groups=[build_attention_group(*g, bs, dev) for g in groups.values()])
+            groups=[build_attention_group(*zip(*g), block_size=bs, device=dev) for g in groups])
         return ModelInput(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta,
                           torch.tensor(logits_rows, device=dev, dtype=torch.long))
 
