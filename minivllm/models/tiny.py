@@ -29,7 +29,7 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
@@ -51,6 +51,7 @@ def save_tiny_checkpoint(folder: str, arch: str = "qwen3", seed: int = 0, dtype=
     """Write a random tiny ``arch`` checkpoint (config, safetensors, tokenizer) to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     cfg = tiny_config(arch, **overrides)
     tokenizer = build_tokenizer(cfg.vocab_size, seed)
@@ -61,7 +62,13 @@ def save_tiny_checkpoint(folder: str, arch: str = "qwen3", seed: int = 0, dtype=
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-    model.save_pretrained(folder)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar (a widget in notebooks)
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -1,0 +1,160 @@
+"""The pattern every chapter's lab follows.
+
+A lab is three things kept apart:
+
+* **state**: a plain Python object (often the real engine piece: a ``BlockManager``, a
+  ``Scheduler``, a simulator) that a test drives without a browser;
+* **controls**: ipywidgets (sliders, buttons) wired with `Lab.on_change` / `Lab.on_click`. Their
+  callbacks change the state and then re-render, which only assigns widget attributes
+  (``HTML.value``, ``Image.value``). A callback never prints: under ``pytest --nbval`` (and in
+  JupyterLab) whatever a callback prints lands in some cell's output;
+* **view**: `Lab.render` returns HTML of the current state and `Lab.figure` an optional matplotlib
+  figure, shown as PNG.
+
+A setting the state rejects (a ``ValueError``, e.g. `LabError`) shows up as a message inside the
+widget, never as a trace; the view keeps the last valid state. Any other exception is a bug and
+propagates.
+
+A notebook displays the lab (``lab`` as a cell's last line, or ``display(lab)``), then drives it
+from code (``lab.slider.value = 3``, ``lab.step()``) and calls `Lab.show` to record the resulting
+state as plain HTML (and PNG) outputs, which read well without a running kernel.
+
+    class CounterLab(Lab):
+        def __init__(self):
+            self.state = Counter()
+            self.step_button = widgets.Button(description="step")
+            super().__init__([self.on_click(self.step_button, self.state.step)])
+
+        def step(self):               # the same action, from code
+            self.step_button.click()
+
+        def render(self):
+            return f"<p>count = {self.state.count}</p>"
+"""
+from __future__ import annotations
+
+import html
+import io
+from typing import Any, Callable, Sequence
+
+import ipywidgets as widgets
+
+ERROR_STYLE = ("color:#a40000;background:#fff0f0;border:1px solid #e0b4b4;border-radius:4px;"
+               "padding:4px 8px;margin:4px 0")
+
+
+class LabError(ValueError):
+    """A setting the lab cannot show (for example more blocks than the cache has): its message is
+    displayed inside the widget."""
+
+
+def error_html(message: str) -> str:
+    """The error box's HTML: the message, escaped, with no traceback."""
+    return f'<div class="minivllm-lab-error" style="{ERROR_STYLE}">&#9888; {html.escape(message)}</div>'
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """PNG bytes of a matplotlib figure. Build figures with ``matplotlib.figure.Figure`` (not
+    ``pyplot``) so nothing is registered with, or shown by, a pyplot backend."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    try:  # a pyplot figure would otherwise stay open (and be shown again by the inline backend)
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    except Exception:  # pragma: no cover - pyplot unavailable or fig not managed by it
+        pass
+    return buf.getvalue()
+
+
+class Lab:
+    """Base class of a chapter's widget. Subclasses build their state and controls, wire each
+    control with `on_change` / `on_click`, call ``super().__init__(controls, figure=...)``, and
+    implement `render` (and `figure` when ``figure=True``)."""
+
+    def __init__(self, controls: Sequence[widgets.Widget] = (), *, figure: bool = False):
+        self.controls = list(controls)
+        self.error = widgets.HTML()  # empty unless the last action was rejected
+        self.view = widgets.HTML()
+        self.image = widgets.Image(format="png") if figure else None
+        parts = [widgets.HBox(self.controls)] if self.controls else []
+        parts += [self.error, self.view] + ([self.image] if self.image is not None else [])
+        self.widget = widgets.VBox(parts)
+        self.refresh()
+
+    # ---- what a subclass provides -------------------------------------------------------------
+    def render(self) -> str:
+        """HTML of the current state."""
+        raise NotImplementedError
+
+    def figure(self):
+        """A matplotlib ``Figure`` of the current state, or None (only with ``figure=True``)."""
+        return None
+
+    # ---- wiring --------------------------------------------------------------------------------
+    def on_change(self, control: widgets.Widget, handler: Callable[[Any], None]) -> widgets.Widget:
+        """Call ``handler(new_value)`` whenever ``control.value`` changes (in the browser or from
+        code), then re-render. Returns the control."""
+        control.observe(lambda change: self.apply(handler, change["new"]), names="value")
+        return control
+
+    def on_click(self, button: widgets.Button, handler: Callable[[], None]) -> widgets.Button:
+        """Call ``handler()`` when the button is clicked (``button.click()`` from code), then
+        re-render. Returns the button."""
+        button.on_click(lambda _button: self.apply(handler))
+        return button
+
+    def apply(self, handler: Callable[..., None], *args) -> bool:
+        """Run an action on the state and re-render. A ``ValueError`` becomes the widget's error
+        message (the state must not have changed); returns whether the action was accepted."""
+        try:
+            handler(*args)
+        except ValueError as e:
+            self.error.value = error_html(str(e))
+            return False
+        self.refresh()
+        return True
+
+    def refresh(self) -> None:
+        """Re-render the view (and figure) from the state and clear the error message."""
+        try:
+            view = self.render()
+            png = None
+            if self.image is not None:
+                fig = self.figure()
+                png = figure_png(fig) if fig is not None else b""
+        except ValueError as e:
+            self.error.value = error_html(str(e))
+            return
+        self.view.value = view
+        if png is not None:
+            self.image.value = png
+        self.error.value = ""
+
+    # ---- showing -------------------------------------------------------------------------------
+    @property
+    def error_message(self) -> str:
+        """The error currently shown, as plain text ("" when none)."""
+        if not self.error.value:
+            return ""
+        text = self.error.value.split("&#9888; ", 1)[-1].rsplit("</div>", 1)[0]
+        return html.unescape(text)
+
+    def snapshot_html(self) -> str:
+        """The error message (if any) and the view, as one HTML string."""
+        return self.error.value + self.view.value
+
+    def show(self) -> None:
+        """Display the current state as static outputs (HTML, then the PNG if any): what an executed
+        notebook records after driving the lab from code."""
+        from IPython.display import HTML, Image, display
+
+        display(HTML(self.snapshot_html()))
+        if self.image is not None and self.image.value:
+            display(Image(data=self.image.value, format="png"))
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        # A short text stand-in: the widget's own repr spells out every child's HTML.
+        data["text/plain"] = f"{type(self).__name__} (interactive: run this notebook in Jupyter)"
+        return bundle
