@@ -145,6 +145,7 @@ class ModelRunner:
         self.model.compute_logits(hidden[:min(self.cfg.max_num_seqs, n)])  # a full batch of logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self._bind_cache(torch.empty(0))
+        for layer in self.attention_layers:  # drop the throwaway cache before the real one is made
+            layer.k_cache = layer.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
         return peak
