@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m minivllm $(if $(MODEL),--model "$(MODEL)",--tiny-demo)
+	$(PY) -m minivllm $(if $(MODEL),--model "$(MODEL)")
 
 # Unit tests, then every chapter notebook and solved exercise re-executed by nbval in strict mode
 # (outputs compared; the learner copies exercises/*.ipynb are not run: they stop at their skeletons).

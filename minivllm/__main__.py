@@ -1,6 +1,7 @@
 """Generate from the command line.
 
-    python -m minivllm --model FOLDER_OR_HUB_ID --prompt "def fibonacci(n):" [--prompt ...]
+    python -m minivllm [--prompt "def fibonacci(n):" ...]   # the course model (minivllm.course)
+    python -m minivllm --model FOLDER_OR_HUB_ID [--prompt ...]
     python -m minivllm --tiny-demo      # a tiny random checkpoint built on the spot (output is noise)
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from minivllm import LLM, SamplingParams
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minivllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a Qwen3, Qwen2 or Llama checkpoint folder (or a hub id, online)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a Qwen3, Qwen2 or Llama checkpoint folder (or a hub id, online); "
+                                        "default: the course's target model")
     source.add_argument("--tiny-demo", action="store_true",
                         help="build a tiny random Qwen3 checkpoint and run it: shows the engine, not language")
     parser.add_argument("--prompt", action="append", help="repeat for a batch (default: a few code prompts)")
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                             max_tokens=args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
+        if model is None and not args.tiny_demo:
+            from minivllm import course
+            model = course.model_path("target")
         if args.tiny_demo:
             from minivllm.models.tiny import save_tiny_checkpoint
             model = save_tiny_checkpoint(tmp, "qwen3")

@@ -6,5 +6,6 @@ settings as a message inside the widget, and offers methods a notebook calls fro
 executed notebook records a meaningful state.
 """
 from minivllm.lab.base import Lab, LabError, error_html, figure_png
+from minivllm.lab.engine_stepper import EngineStepper, EngineStepperLab
 
-__all__ = ["Lab", "LabError", "error_html", "figure_png"]
+__all__ = ["Lab", "LabError", "error_html", "figure_png", "EngineStepper", "EngineStepperLab"]
