@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
+from minivllm.course.checks import chi_square_pvalue
 from minivllm.worker.sampler import Sampler, filter_logits
 
 
@@ -44,14 +45,6 @@ def test_filters_keep_exactly_the_allowed_tokens(top_k, top_p, min_p):
         assert torch.equal(out[row][list(kept)], logits[row][list(kept)]), "kept logits must not change"
 
 
-def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
-    expected = probs * counts.sum()
-    stat = float(((counts - expected) ** 2 / expected).sum())
-    dof = len(counts) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, -1, 1.0), (1.5, 4, 1.0), (1.0, -1, 0.8)])
 def test_sampled_frequencies_follow_the_distribution(temperature, top_k, top_p):
     """Draw 50,000 samples from one row (as 50,000 identical rows) and compare the counts with the
@@ -66,7 +59,7 @@ def test_sampled_frequencies_follow_the_distribution(temperature, top_k, top_p):
     probs /= probs.sum()
     counts = np.bincount(tokens, minlength=len(logits))
     assert counts[[i for i in range(len(logits)) if i not in allowed]].sum() == 0
-    assert chi_square_pvalue(counts[allowed], probs) > 1e-3
+    assert chi_square_pvalue(torch.as_tensor(counts[allowed]), torch.as_tensor(probs)) > 1e-3
 
 
 def test_chi_square_catches_a_wrong_distribution():
@@ -76,7 +69,7 @@ def test_chi_square_catches_a_wrong_distribution():
     tokens = Sampler()(logits.repeat(n, 1), [SamplingParams(temperature=0.8)] * n, [None] * n,
                        torch.Generator().manual_seed(1))
     probs = torch.softmax(logits.double(), 0).numpy()  # temperature 1: not what was sampled
-    assert chi_square_pvalue(np.bincount(tokens, minlength=5), probs) < 1e-6
+    assert chi_square_pvalue(torch.as_tensor(np.bincount(tokens, minlength=5)), torch.as_tensor(probs)) < 1e-6
 
 
 def test_greedy_and_top_k_1_pick_the_argmax():

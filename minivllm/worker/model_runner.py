@@ -6,11 +6,13 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.config import EngineConfig, ModelConfig, resolve_dtype
+from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import Attention, AttentionMetadata, build_attention_group
 from minivllm.models.loader import load_weights
 from minivllm.models.registry import build_model
+from minivllm.sampling_params import SamplingParams
 from minivllm.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from minivllm.worker.sampler import Sampler
 
@@ -129,14 +131,10 @@ class ModelRunner:
     def _profile_peak_memory(self, max_model_len: int) -> int:
         """Peak CUDA memory of the weights plus one forward pass of a full token budget, run over a
         throwaway cache just big enough for it."""
-        from minivllm.engine.block_manager import BlockManager
-        from minivllm.engine.sequence import Sequence as Seq
-        from minivllm.sampling_params import SamplingParams
-
         n = min(self.cfg.max_num_batched_tokens, max_model_len)
         blocks = -(-n // self.block_size)
         bm = BlockManager(blocks, self.block_size, enable_prefix_caching=False)
-        seq = Seq("profile", [0] * n, SamplingParams(max_tokens=1))
+        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
         bm.append_slots(seq, n)
         self._bind_cache(allocate_kv_cache(self.mc, blocks, self.block_size, self.dtype, self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
