@@ -42,3 +42,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     mask = mask.unsqueeze(2).expand(seqs, q_len, group, k_len).reshape(seqs, 1, q_len * group, k_len)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     return out.view(seqs, kv_heads, q_len, group, d).permute(0, 2, 1, 3, 4).reshape(seqs, q_len, heads, d)
+
+
+def varlen_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, query_starts: torch.Tensor,
+                           query_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """The reference for the Triton kernels' batch layout, one sequence at a time: sequence ``s``'s new
+    tokens are rows ``query_starts[s] ... + query_lens[s]`` of ``q``, the last of its ``context_lens[s]``
+    tokens, whose K/V are found through ``block_tables[s]``. Returns ``q``-shaped output, those rows set,
+    the others zero."""
+    out = torch.zeros_like(q)
+    for table, ctx, start, q_len in zip(block_tables.tolist(), context_lens.tolist(), query_starts.tolist(),
+                                        query_lens.tolist()):
+        positions = torch.arange(ctx)
+        key_slots = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
+        rows = torch.arange(start, start + q_len)
+        mask = positions[None, :] <= (ctx - q_len + torch.arange(q_len))[:, None]  # causal
+        o = paged_attention(q, k_cache, v_cache, rows[None].to(q.device), key_slots[None].to(q.device),
+                            mask[None].to(q.device), scale)
+        out[rows.to(q.device)] = o[0]
+    return out

@@ -1,11 +1,16 @@
 """Engine and model configuration, validated when built."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+
+from minivllm.engine.block_manager import BlockManager, BlockManagerBase
+from minivllm.engine.policy import SchedulingPolicy, make_policy
+from minivllm.spec_decode.config import SpeculativeConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -29,7 +34,25 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes, on the CPU
     num_kv_blocks: int | None = None  # overrides the computed cache size
     seed: int = 0
-    batching_policy: str = "continuous"  # or "static", the course's baseline
+    batching_policy: str | SchedulingPolicy = "continuous"  # "static": the course's baseline; exercise 04 plugs its own in
+    attention_backend: str = "auto"  # "torch" (reference), "triton" (kernels/); auto: triton on CUDA
+    block_manager_class: type = BlockManager  # exercise 02 plugs a learner's subclass in here
+    # parallelism (minivllm/distributed/): one process per rank once any size is above 1
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_backend: str = "auto"  # "gloo" or "nccl"; auto: nccl on CUDA, gloo on the CPU
+    speculative_config: SpeculativeConfig | dict | None = None  # a dict is validated into the dataclass
+
+    @classmethod
+    def from_args(cls, model: str, **engine_args) -> "EngineConfig":
+        """`LLM(model, **engine_args)`: an unknown argument is a ValueError that names it."""
+        known = [f.name for f in fields(cls) if f.name != "model"]
+        unknown = sorted(set(engine_args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {', '.join(unknown)}; LLM accepts {', '.join(known)}")
+        return cls(model=model, **engine_args)
 
     def __post_init__(self) -> None:
         _positive_int(self, "block_size")
@@ -51,8 +74,66 @@ class EngineConfig:
             raise ValueError(f"device={self.device!r} but CUDA is not available")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int")
-        if self.batching_policy not in ("continuous", "static"):
-            raise ValueError(f"batching_policy={self.batching_policy!r} must be 'continuous' or 'static'")
+        make_policy(self.batching_policy)  # raises ValueError on anything but a name or a SchedulingPolicy
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend={self.attention_backend!r} must be 'auto', 'torch' or 'triton'")
+        if self.attention_backend == "triton":
+            if importlib.util.find_spec("triton") is None:
+                raise ValueError("attention_backend='triton' but triton is not installed")
+            if self.torch_device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("attention_backend='triton' on the CPU runs only in the Triton interpreter: "
+                                 "set TRITON_INTERPRET=1 before the kernels are imported")
+        self._check_parallel()
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.speculative_config is not None:
+            if not isinstance(self.speculative_config, SpeculativeConfig):
+                raise ValueError(f"speculative_config={self.speculative_config!r} must be a dict or a SpeculativeConfig")
+            if self.world_size > 1:
+                raise ValueError(f"speculative_config needs a single process, but the parallel sizes give "
+                                 f"{self.world_size} ranks")
+        cls = self.block_manager_class
+        if not (isinstance(cls, type) and issubclass(cls, BlockManagerBase)):
+            raise ValueError(f"block_manager_class={cls!r} must be a subclass of "
+                             "minivllm.engine.block_manager.BlockManagerBase")
+
+    def _check_parallel(self) -> None:
+        """The sizes that need no model; `minivllm.distributed.layout` checks them against the model."""
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _positive_int(self, name)
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel={self.enable_expert_parallel!r} must be a bool")
+        if self.distributed_backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"distributed_backend={self.distributed_backend!r} must be 'auto', 'gloo' or 'nccl'")
+        cuda = self.torch_device.type == "cuda"
+        if self.distributed_backend == "nccl" and not cuda:
+            raise ValueError(f"distributed_backend='nccl' needs CUDA, but device={self.device!r}")
+        if cuda and self.world_size > 1:
+            if self.device not in ("auto", "cuda"):
+                raise ValueError(f"device={self.device!r}: with {self.world_size} ranks use device='cuda' "
+                                 "(rank i runs on cuda:i)")
+            visible = torch.cuda.device_count()
+            if self.world_size > visible:
+                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
+                                 f"{self.world_size} ranks, but only {visible} CUDA devices are visible")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def resolved_distributed_backend(self) -> str:
+        if self.distributed_backend != "auto":
+            return self.distributed_backend
+        return "nccl" if self.torch_device.type == "cuda" else "gloo"
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        """``auto``: the Triton kernels on CUDA when triton is installed, else the torch reference."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        cuda = self.torch_device.type == "cuda"
+        return "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
 
     @property
     def torch_device(self) -> torch.device:
@@ -87,6 +168,18 @@ class ModelConfig:
     mlp_bias: bool = False
     torch_dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()
+    # mixture of experts (Qwen3-MoE); num_experts == 0: every layer has a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Which layers have experts, as transformers decides it for Qwen3-MoE."""
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_folder(cls, folder: str) -> "ModelConfig":
@@ -113,7 +206,12 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False), rope_parameters=rope,
             attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
-            torch_dtype=_DTYPES.get(str(dtype_name), torch.float32), eos_token_ids=eos_ids)
+            torch_dtype=_DTYPES.get(str(dtype_name), torch.float32), eos_token_ids=eos_ids,
+            num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok", 0),
+            moe_intermediate_size=raw.get("moe_intermediate_size", 0),
+            norm_topk_prob=raw.get("norm_topk_prob", False), decoder_sparse_step=raw.get("decoder_sparse_step", 1),
+            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()))
 
 
 def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

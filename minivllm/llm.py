@@ -9,6 +9,7 @@ from typing import Sequence as Seq
 from tqdm.auto import tqdm
 
 from minivllm.config import EngineConfig
+from minivllm.distributed.data_parallel import DataParallelEngine
 from minivllm.engine.llm_engine import LLMEngine, PromptType
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
@@ -29,19 +30,26 @@ class LLM:
     >>> out[0].outputs[0].text
     """
 
-    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
-                 num_kv_blocks: int | None = None, seed: int = 0, batching_policy: str = "continuous"):
-        config = EngineConfig(
-            model=model, dtype=dtype, device=device, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory=kv_cache_memory,
-            num_kv_blocks=num_kv_blocks, seed=seed, batching_policy=batching_policy)
-        self.llm_engine = LLMEngine(config)
+    def __init__(self, model: str, **engine_args):
+        """``engine_args`` are `EngineConfig`'s fields, with vLLM's names and defaults: ``dtype``,
+        ``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``,
+        ``enable_prefix_caching``, ``enable_chunked_prefill``, ``gpu_memory_utilization``,
+        ``kv_cache_memory``, ``num_kv_blocks``, ``seed``, ``batching_policy``, ``attention_backend``,
+        ``block_manager_class``, the parallel sizes and ``speculative_config``."""
+        config = EngineConfig.from_args(model, **engine_args)
+        self.llm_engine = DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
         self._request_counter = itertools.count()
+
+    def close(self) -> None:
+        """Free the model now; with worker processes (any parallel size above 1), shut them down.
+        Also done when the `LLM` is garbage-collected, or on leaving ``with LLM(...) as llm:``."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

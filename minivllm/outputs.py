@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minivllm.spec_decode.metrics import SpecDecodeMetrics
+
 
 @dataclass
 class CompletionOutput:
@@ -23,6 +25,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    spec_decode: SpecDecodeMetrics | None = None  # with speculative decoding: proposed, accepted, ...
 
 
 @dataclass

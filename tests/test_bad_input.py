@@ -69,6 +69,8 @@ def test_sampling_params_out_of_range(field, value):
     (dict(enable_chunked_prefill=False, max_num_batched_tokens=64),
      r"max_num_batched_tokens=64 is smaller than max_model_len=1024"),
     (dict(kv_cache_memory=10), r"kv_cache_memory=10 leaves 10 bytes"),
+    (dict(blocksize=4), r"unknown engine argument\(s\) blocksize; LLM accepts dtype, "),
+    (dict(attention_backend="cuda"), r"attention_backend='cuda'"),
 ])
 def test_bad_engine_settings(checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,9 +1,12 @@
 """The exercises: learner copies are generated from the solved notebooks and up to date; every
-check passes on the solution and fails on the untouched skeleton; and the sampling check rejects
-samplers that get the distribution wrong."""
+check passes on the solution and fails on the untouched skeleton; the sampling check rejects
+samplers that get the distribution wrong, and the block-manager check block managers that break a
+rule, each with the first broken rule in words; the row-parallel check (exercise 08) names a missing
+all-reduce, a bias added on every rank and a wrong input slice."""
 from __future__ import annotations
 
 import ast
+import linecache
 import os
 import warnings
 from pathlib import Path
@@ -12,8 +15,12 @@ import nbformat
 import pytest
 import torch
 
-from minivllm import SamplingParams
+from minivllm import LLM, SamplingParams
+from minivllm.config import EngineConfig
 from minivllm.course import checks, exercises
+from minivllm.engine.block_manager import BlockManager, BlockManagerBase, chain_hash
+from minivllm.engine.policy import ContinuousBatching, StaticBatching
+from minivllm.engine.sequence import SequenceStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "exercises"
@@ -105,7 +112,10 @@ def run_code_cells(nb, name: str, tolerate_not_implemented: bool) -> list[checks
             continue
         assert not any(line.lstrip().startswith(("%", "!")) for line in cell.source.splitlines()), \
             f"{name} cell {i}: exercise notebooks are plain Python (no magics), so tests can exec them"
-        code = compile(cell.source, f"<{name} cell {i}>", "exec")
+        filename = f"<{name} cell {i}>"
+        # as IPython does, so that inspect.getsource finds a function defined in a cell
+        linecache.cache[filename] = (len(cell.source), None, cell.source.splitlines(True), filename)
+        code = compile(cell.source, filename, "exec")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")  # plt.show() under Agg
             try:
@@ -271,3 +281,336 @@ def test_exercise_notebooks_exist_in_pairs():
     learners = sorted(p.name for p in EXERCISES.glob("*.ipynb"))
     assert learners == [p.name for p in SOLUTIONS]
     assert os.path.isdir(EXERCISES / "solutions")
+
+
+# ---- the block-manager check tells right from wrong -----------------------------------------------
+# Each flawed manager is the engine's own with one rule of exercise 02 broken.
+class FreeIgnoresSharing(BlockManager):
+    """free() returns every block to the free queue, though other requests still hold the shared ones."""
+
+    def free(self, seq):
+        for b in reversed(seq.block_table):
+            if self.blocks[b].ref_count:
+                self.blocks[b].ref_count = 0
+                self.push_free_block(b)
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+
+
+class FreeQueuesHeldBlocks(BlockManager):
+    """free() drops the reference but queues the block even when others still hold it."""
+
+    def free(self, seq):
+        for b in reversed(seq.block_table):
+            self.blocks[b].ref_count -= 1
+            self.push_free_block(b)
+        seq.block_table.clear()
+        seq.num_computed_tokens = 0
+
+
+class FreeKeepsComputedTokens(BlockManager):
+    def free(self, seq):
+        n = seq.num_computed_tokens
+        super().free(seq)
+        seq.num_computed_tokens = n
+
+
+class AllocateSetsOneReference(BlockManager):
+    """A cache hit sets ref_count = 1 instead of adding a reference."""
+
+    def allocate(self, seq, cached_blocks):
+        for b in cached_blocks:
+            if self.blocks[b].ref_count == 0:
+                self.revive_block(b)
+            self.blocks[b].ref_count = 1
+            seq.block_table.append(b)
+        self.events.cache_hits.extend(cached_blocks)
+        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+
+
+class AllocateLeavesHitsOnTheFreeQueue(BlockManager):
+    """A hit on a freed cached block does not take it off the free queue, so it can be handed out
+    again while it is in use."""
+
+    def allocate(self, seq, cached_blocks):
+        for b in cached_blocks:
+            self.blocks[b].ref_count += 1
+            seq.block_table.append(b)
+        self.events.cache_hits.extend(cached_blocks)
+        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+
+
+class AllocateRecordsNoHits(BlockManager):
+    def allocate(self, seq, cached_blocks):
+        super().allocate(seq, cached_blocks)
+        self.events.cache_hits.clear()
+
+
+class IgnoresTheCache(BlockManager):
+    def find_cached_prefix(self, seq):
+        return []
+
+
+class UnchainedHashes(BlockManager):
+    """Hashes each block on its own tokens, so equal blocks after different prefixes would match."""
+
+    def find_cached_prefix(self, seq):
+        return []
+
+    def append_slots(self, seq, num_new_tokens):
+        end = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) < self.blocks_needed(end):
+            b = self.pop_free_block()
+            self.blocks[b].ref_count = 1
+            seq.block_table.append(b)
+        bs = self.block_size
+        for i in range(seq.num_computed_tokens // bs, end // bs):
+            block = self.blocks[seq.block_table[i]]
+            block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            block.block_hash = chain_hash(None, block.token_ids)
+
+
+class NeverHashes(BlockManager):
+    def _register_full_blocks(self, seq, num_tokens):
+        pass
+
+
+class LookupRaises(BlockManager):
+    def find_cached_prefix(self, seq):
+        return [self.cached[chain_hash(None, tuple(seq.token_ids[:self.block_size]))]]
+
+
+class LeavesOutFree(BlockManagerBase):
+    find_cached_prefix = BlockManager.find_cached_prefix
+    allocate = BlockManager.allocate
+    append_slots = BlockManager.append_slots
+
+
+def test_block_manager_check_passes_the_engines_own(capsys):
+    result = checks.check_block_manager(BlockManager)
+    assert result, str(result)
+    assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_block_manager"
+
+
+@pytest.mark.parametrize("flawed,words", [
+    (FreeIgnoresSharing, "after step 8: block 0 has ref_count 0 but 5 block tables hold it (requests r0, r1, r2, r3, r4)"),
+    (FreeQueuesHeldBlocks, "step 8: free() raised ValueError: block_id=3 has ref_count 5: only a block no request holds"),
+    (FreeKeepsComputedTokens, "after step 8: request r5 was preempted, but its num_computed_tokens is 31"),
+    (AllocateSetsOneReference, "after step 0: block 0 has ref_count 1 but 6 block tables hold it"),
+    (AllocateLeavesHitsOnTheFreeQueue, "after step 16: block 0 with ref_count 5 is in the free queue"),
+    (AllocateRecordsNoHits, "step 0: the trace records 0 prefix-cache block hits with your block manager, 20 with the stock one"),
+    (IgnoresTheCache, "step 0: the scheduler ran request r1 on tokens 0-23 with your block manager, on tokens 16-23 with the stock one"),
+    (UnchainedHashes, "after step 0: request r0's logical block 1 (block 1) has hash"),
+    (NeverHashes, "after step 0: request r0's logical block 0 (block 0) is full but has no hash"),
+    (LookupRaises, "step 0: find_cached_prefix() raised KeyError"),
+    (LeavesOutFree, "the engine could not build your block manager: TypeError"),
+    (dict, "block_manager_class=<class 'dict'> must be a subclass of minivllm.engine.block_manager.BlockManagerBase"),
+])
+def test_block_manager_check_rejects_a_flawed_manager(flawed, words, capsys):
+    result = checks.check_block_manager(flawed)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_block_manager: ")
+
+
+def test_block_manager_check_reports_a_token_mismatch():
+    stock = checks.stock_block_manager_run()
+    tokens = {rid: list(t) for rid, t in stock.output_tokens.items()}
+    tokens["r7"][5] += 1
+    runs = {"mine": checks.BlockManagerRun(stock.trace, tokens, stock.prompts)}
+    with pytest.raises(checks.CheckFailed, match=r"request r7 \(prompt ending 'class Config:'\): output token 5 is"):
+        checks._stage_block_manager_tokens(runs)
+
+
+def test_block_manager_workload_reaches_every_path():
+    """Read from the stock run's trace: hits in the step that writes the blocks, preemption, hits on
+    freed blocks that were still cached (revived), and evictions."""
+    trace = checks.stock_block_manager_run().trace
+    assert len(trace[0].blocks_cache_hit) >= 4 and not trace[0].blocks_freed
+    assert sum(len(r.preempted) for r in trace) >= 2
+    free, revived = set(range(checks.BM_ENGINE_SETTINGS["num_kv_blocks"])), 0
+    for r in trace:
+        revived += len((set(r.blocks_cache_hit) & free) - set(r.blocks_allocated))
+        free = (free - set(r.blocks_allocated) - set(r.blocks_cache_hit)) | set(r.blocks_freed)
+    assert revived >= 1
+    assert any(r.blocks_evicted for r in trace)
+
+
+def test_block_manager_reference_tokens_match_a_plain_engine():
+    """The stock run's tokens (cache too small, preemption, prefix hits) equal those of an engine
+    with room to spare and no prefix caching, so the check's reference is no artefact of them."""
+    stock = checks.stock_block_manager_run()
+    with checks._check_model_folder() as folder:
+        llm = LLM(folder, max_model_len=128, enable_prefix_caching=False, seed=0)
+    prompts = [checks.BM_SYSTEM_PROMPT + p for p in stock.prompts.values()]
+    outs = llm.generate(prompts, checks.BM_PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == list(stock.output_tokens.values())
+    assert not any(r.preempted for r in llm.llm_engine.trace)
+
+
+@pytest.mark.parametrize("value", [dict, "BlockManager", BlockManager(4, 4)])
+def test_engine_refuses_a_block_manager_class_that_is_not_one(value):
+    with pytest.raises(ValueError, match=r"block_manager_class=.* must be a subclass of .*BlockManagerBase"):
+        EngineConfig(model="unused", block_manager_class=value)
+
+
+# ---- the scheduling-policy check tells right from wrong --------------------------------------------
+# Each flawed policy is the engine's own with one rule of exercise 04 broken.
+class AdmitsWithTheFullBudget(ContinuousBatching):
+    """Admits with the whole budget, forgetting what the running requests took."""
+
+    def schedule_waiting(self, scheduler, out, budget, *, chunked):
+        super().schedule_waiting(scheduler, out, scheduler.max_num_batched_tokens, chunked=chunked)
+
+
+class NeverPreempts(ContinuousBatching):
+    """Skips a running request the cache has no room for, instead of preempting."""
+
+    def schedule_running(self, scheduler, out, budget):
+        for seq in list(scheduler.running):
+            n = min(scheduler.num_tokens_to_run(seq), budget)
+            if n and scheduler.block_manager.can_append(seq, n):
+                scheduler.schedule_chunk(seq, n, out)
+                budget -= n
+        return budget
+
+
+class IgnoresMaxNumSeqs(ContinuousBatching):
+    def schedule_waiting(self, scheduler, out, budget, *, chunked):
+        bm = scheduler.block_manager
+        while scheduler.waiting and budget > 0:
+            seq = scheduler.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if not bm.can_allocate(seq, n, cached):
+                break
+            scheduler.admit(seq, cached, n, out)
+            budget -= n
+
+
+class PreemptsTheOldest(ContinuousBatching):
+    """Preempts the oldest running request, which has already run in this step."""
+
+    def schedule_running(self, scheduler, out, budget):
+        for seq in list(scheduler.running):
+            if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+                continue
+            n = min(scheduler.num_tokens_to_run(seq), budget)
+            while seq.status is SequenceStatus.RUNNING and not scheduler.block_manager.can_append(seq, n):
+                scheduler.preempt(scheduler.running[0], out)
+            if seq.status is SequenceStatus.RUNNING:
+                scheduler.schedule_chunk(seq, n, out)
+                budget -= n
+        return budget
+
+
+class RaisesOnAdmission(ContinuousBatching):
+    def schedule_waiting(self, scheduler, out, budget, *, chunked):
+        if scheduler.waiting:
+            scheduler.admit(scheduler.waiting[0], [], 0, out)
+
+
+def test_policy_check_passes_the_engines_own(capsys):
+    result = checks.check_scheduling_policy(ContinuousBatching())
+    assert result, str(result)
+    assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_scheduling_policy"
+
+
+@pytest.mark.parametrize("flawed,words", [
+    (AdmitsWithTheFullBudget(), "in the engine, step 1: your policy scheduled 32 tokens (r0: 1, r1: 7, r2: 24), "
+                                "more than the budget max_num_batched_tokens=24"),
+    (NeverPreempts(), "in the engine, step 10: your policy scheduled nothing while 4 requests run and 4 wait "
+                      "(0 free KV blocks): the engine cannot go on"),
+    (IgnoresMaxNumSeqs(), "in the engine, step 3: 5 requests are running after your policy's step, more than max_num_seqs=4"),
+    (PreemptsTheOldest(), "in the simulator, step 540: your policy raised ValueError: seq='r0' already runs in this step"),
+    (RaisesOnAdmission(), "in the engine, step 0: your policy raised ValueError: num_new_tokens=0 must be in [1, 22]"),
+    (StaticBatching(), "in the simulator: your policy's output throughput is 419 tokens/s, no better than static "
+                       "batching's 419"),
+    (ContinuousBatching, "policy=<class 'minivllm.engine.policy.ContinuousBatching'> must be an instance of a "
+                         "SchedulingPolicy subclass (pass an instance: ContinuousBatching())"),
+])
+def test_policy_check_rejects_a_flawed_policy(flawed, words, capsys):
+    result = checks.check_scheduling_policy(flawed)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_scheduling_policy: ")
+
+
+def test_policy_reference_tokens_match_a_plain_engine():
+    """The stock run's tokens (chunked prompts, preemption, a cap of 4 running) equal those of an
+    engine with room to spare that runs every request in one batch, so the check's reference is no
+    artefact of the schedule; and the workload reaches the cap with requests waiting."""
+    stock = checks.stock_policy_engine_run()
+    assert any(r.num_running == checks.SP_ENGINE_SETTINGS["max_num_seqs"] and r.num_waiting for r in stock.trace)
+    with checks._check_model_folder() as folder:
+        llm = LLM(folder, max_model_len=128, seed=0)
+    prompts = [p for wave in checks.SP_ARRIVALS.values() for p in wave]
+    outs = llm.generate(prompts, checks.SP_PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == list(stock.output_tokens.values())
+    assert not any(r.preempted for r in llm.llm_engine.trace)
+
+
+@pytest.mark.parametrize("value", [ContinuousBatching, "lifo", None])
+def test_engine_refuses_a_batching_policy_that_is_not_one(value):
+    with pytest.raises(ValueError, match=r"batching_policy=.* must be one of \('continuous', 'static'\) or a "):
+        EngineConfig(model="unused", batching_policy=value)
+
+
+# ---- the row-parallel check tells right from wrong (exercise 08) ------------------------------------
+# Module-level functions: the check sends the forward's source to its two processes.
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minivllm.distributed.parallel_state import tensor_parallel_group  # noqa: E402
+
+
+def contiguous_shard(x, rank, world_size):
+    k = x.shape[-1] // world_size
+    return x[..., rank * k:(rank + 1) * k]
+
+
+def strided_shard(x, rank, world_size):
+    """Every world_size-th feature: the right size, but not the columns the rank's weight holds."""
+    return x[..., rank::world_size]
+
+
+def forward_without_all_reduce(self, x):
+    return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+
+
+def forward_with_bias_on_every_rank(self, x):
+    y = F.linear(x, self.weight, self.bias)
+    dist.all_reduce(y, group=tensor_parallel_group())
+    return y
+
+
+def forward_reducing_on_rank_0_only(self, x):
+    y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+    if self.tp_rank == 0:
+        dist.all_reduce(y, group=tensor_parallel_group())
+    return y
+
+
+def forward_using_a_notebook_name(self, x):
+    return helper(x)  # noqa: F821
+
+
+@pytest.mark.parametrize("forward,shard,words", [
+    (forward_without_all_reduce, contiguous_shard,
+     "missing all-reduce: 1 token, 8 -> 4 features, no bias: rank 0 never called dist.all_reduce"),
+    (forward_with_bias_on_every_rank, contiguous_shard,
+     "bias added on every rank: 5 tokens, 16 -> 12 features, with bias: the output holds the bias 2 times"),
+    (forward_without_all_reduce, strided_shard,
+     "wrong shard slicing: 1 token, 8 -> 4 features, no bias: input_shard(x, rank=0, world_size=2) is not "
+     "input features 0-3"),
+    (forward_reducing_on_rank_0_only, contiguous_shard,
+     "1 token, 8 -> 4 features, no bias: rank 0 was still waiting in a collective when rank 1 had finished"),
+    (forward_using_a_notebook_name, contiguous_shard,
+     "1 token, 8 -> 4 features, no bias: rank 0: your forward raised NameError: name 'helper' is not defined "
+     "(the check runs your function from its source alone"),
+])
+def test_row_parallel_check_rejects_a_flawed_layer(forward, shard, words, capsys):
+    result = checks.check_row_parallel_linear(forward, shard)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_row_parallel_linear: ")

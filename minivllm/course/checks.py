@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
-import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from minivllm.engine.policy import SchedulingPolicy
 from minivllm.sampling_params import SamplingParams
 
 
@@ -242,26 +245,31 @@ def _quiet_engine_logs():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _check_model_folder():
+    """The model the checks run: the course's target model when it is there, else a tiny random
+    Qwen3 built offline (`minivllm.models.tiny`) in a folder removed afterwards."""
+    from minivllm import course
+    from minivllm.models.tiny import save_tiny_checkpoint
+
+    try:
+        folder = course.model_path("target")
+    except FileNotFoundError:  # weights not trained yet
+        folder = None
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="minivllm-check-") as tmp:
+        yield save_tiny_checkpoint(tmp)
+
+
 @functools.lru_cache(maxsize=1)
 def check_engine():
-    """The engine the checks plug into: the course's target model when it is there, else a tiny
-    random Qwen3 built offline (`minivllm.models.tiny`). Built once per process."""
+    """The engine the checks plug into (see `_check_model_folder`), built once per process."""
     from minivllm import LLM
 
-    tmp = None
-    try:
-        from minivllm import course
-        folder = course.model_path("target")
-    except Exception:
-        from minivllm.models.tiny import save_tiny_checkpoint
-        tmp = tempfile.mkdtemp(prefix="minivllm-check-")
-        folder = save_tiny_checkpoint(tmp)
-    try:
-        with _quiet_engine_logs():
-            return LLM(folder, max_model_len=256, max_num_seqs=16, seed=0)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _check_model_folder() as folder, _quiet_engine_logs():
+        return LLM(folder, max_model_len=256, max_num_seqs=16, seed=0)
 
 
 ENGINE_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\nimport"]
@@ -310,5 +318,696 @@ def check_sampling(sample: SampleFn, *, draws: int = 4000, verbose: bool = True)
                                    lambda: _stage_engine(sample)], verbose)
 
 
-__all__ = ["CheckFailed", "CheckResult", "HISTORY", "LearnerSampler", "check_engine", "check_sampling",
-           "chi_square_pvalue", "describe", "reference_probs"]
+# ==== exercise 02: the block manager ==============================================================
+
+# A workload through every path of the allocation core: six requests share a system prompt (prefix-
+# cache hits in the very step the first of them writes it); a cache of 28 blocks of 4 tokens is too
+# small for all six, so the newest are preempted and recomputed later (hitting what is left of their
+# own freed blocks); a second wave arrives while blocks are being freed (hits on cached blocks revived
+# from the free queue, and evictions).
+BM_SYSTEM_PROMPT = '"""Read and write configuration files."""\nimport os\nimport json\n\n'
+BM_ARRIVALS = {0: ["def load(path):", "def save(path, data):", "class Config:", "def merge(a, b):",
+                   "def validate(config):", "CONFIG_DIR ="],
+               12: ["def load(path):", "class Config:", "def dump(config, path):"]}  # step -> prompts
+BM_ENGINE_SETTINGS = dict(block_size=4, num_kv_blocks=28, max_model_len=128, max_num_seqs=8,
+                          max_num_batched_tokens=64, seed=0)
+BM_PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@dataclass
+class BlockManagerRun:
+    """What one run of the workload produced, as the engine recorded it."""
+
+    trace: list  # the engine's StepRecords
+    output_tokens: dict[str, list[int]]  # request id -> generated tokens
+    prompts: dict[str, str]  # request id -> its prompt after the system prompt
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(len(r.preempted) for r in self.trace)
+
+    @property
+    def num_cache_hits(self) -> int:
+        return sum(len(r.blocks_cache_hit) for r in self.trace)
+
+
+def _learner_method(cls: type, exc: BaseException) -> str:
+    """The innermost method of ``cls`` (not of `BlockManagerBase`) that ``exc`` passed through."""
+    from minivllm.engine.block_manager import BlockManagerBase
+
+    own = {f.__code__: name for c in cls.__mro__ if c not in BlockManagerBase.__mro__
+           for name, f in vars(c).items() if inspect.isfunction(f)}
+    names = [own[frame.f_code] for frame, _ in traceback.walk_tb(exc.__traceback__) if frame.f_code in own]
+    return f"{names[-1]}()" if names else "the engine"
+
+
+def _run_workload(cls: type, stock: BlockManagerRun | None = None) -> BlockManagerRun:
+    """Run the workload with ``cls`` as the engine's block manager and check the bookkeeping after
+    every step; given the ``stock`` run, also compare the scheduler's decisions step by step.
+    Raises `CheckFailed` at the first problem."""
+    from minivllm import LLM
+
+    try:
+        with _check_model_folder() as folder, _quiet_engine_logs():
+            llm = LLM(folder, block_manager_class=cls, **BM_ENGINE_SETTINGS)
+    except ValueError as e:  # not a BlockManagerBase subclass: the message names the field
+        raise CheckFailed(str(e)) from None
+    except Exception as e:  # for example a method of the core left out (abstract)
+        raise CheckFailed(f"the engine could not build your block manager: {type(e).__name__}: {e}") from None
+    engine = llm.llm_engine
+    seqs, prompts, tokens = {}, {}, {}
+    step = 0
+    while step <= max(BM_ARRIVALS) or engine.has_unfinished_requests():
+        for suffix in BM_ARRIVALS.get(step, ()):
+            rid = f"r{len(seqs)}"
+            engine.add_request(rid, BM_SYSTEM_PROMPT + suffix, BM_PARAMS)
+            seqs[rid], prompts[rid] = engine.requests[rid], suffix
+        if stock is not None and step >= len(stock.trace):
+            raise CheckFailed(f"after step {step - 1} the stock engine had finished every request; with "
+                              f"your block manager {len(engine.requests)} are still unfinished")
+        try:
+            for out in engine.step():
+                tokens[out.request_id] = out.outputs[0].token_ids
+        except NotImplementedError as e:
+            raise CheckFailed(f"step {step}: {_learner_method(cls, e)} raised NotImplementedError: replace "
+                              "`# YOUR CODE HERE` and `raise NotImplementedError` with your code") from None
+        except Exception as e:  # the learner's bug is the finding, not a crash of the check
+            raise CheckFailed(f"step {step}: {_learner_method(cls, e)} raised {type(e).__name__}: {e}") from None
+        _check_block_state(engine.block_manager, seqs, step)
+        if stock is not None:
+            _compare_step(engine.trace, stock.trace, step, engine.block_manager.num_blocks)
+        step += 1
+    return BlockManagerRun(engine.trace, tokens, prompts)
+
+
+def _check_block_state(bm, seqs: dict, step: int) -> None:
+    """Finished and waiting requests hold no blocks; the running ones pass the invariant check of
+    `BlockManagerBase` (called on the base, so a subclass cannot replace it)."""
+    from minivllm.engine.block_manager import BlockManagerBase
+    from minivllm.engine.sequence import SequenceStatus
+
+    for rid, seq in seqs.items():
+        state = {SequenceStatus.FINISHED: "has finished",
+                 SequenceStatus.WAITING: "was preempted" if seq.num_preemptions else "waits"}.get(seq.status)
+        if state and seq.block_table:
+            raise CheckFailed(f"after step {step}: request {rid} {state}, but still holds blocks "
+                              f"{seq.block_table}: free() must empty its block table")
+        if state and seq.num_computed_tokens:
+            raise CheckFailed(f"after step {step}: request {rid} {state}, but its num_computed_tokens is "
+                              f"{seq.num_computed_tokens}: free() must reset it to 0")
+    running = [s for s in seqs.values() if s.status is SequenceStatus.RUNNING]
+    try:
+        BlockManagerBase.check_invariants(bm, running)
+    except AssertionError as e:
+        raise CheckFailed(f"after step {step}: {e}") from None
+    except Exception as e:
+        raise CheckFailed(f"after step {step}: the block manager's records are malformed "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def _span(chunk: tuple[int, int] | None) -> str:
+    if chunk is None:
+        return "not at all"
+    start, n = chunk
+    return f"on token {start}" if n == 1 else f"on tokens {start}-{start + n - 1}"
+
+
+def _compare_step(mine: list, stock: list, step: int, num_blocks: int) -> None:
+    """The scheduler asks the block manager what is cached and what is free; with a block manager
+    that answers like the stock one it makes the stock engine's decisions."""
+    a, b = mine[step], stock[step]
+    free_before = (mine[step - 1].num_free_blocks, stock[step - 1].num_free_blocks) if step else (num_blocks,) * 2
+    hint = (f" (prefix-cache blocks hit in this step: {len(a.blocks_cache_hit)} with yours, "
+            f"{len(b.blocks_cache_hit)} with the stock one; free blocks before it: {free_before[0]} with "
+            f"yours, {free_before[1]} with the stock one)")
+    if a.preempted != b.preempted:
+        raise CheckFailed(f"step {step}: the scheduler preempted {list(a.preempted)} with your block manager, "
+                          f"{list(b.preempted)} with the stock one" + hint)
+    ca = {c.request_id: (c.start, c.num_tokens) for c in a.chunks}
+    cb = {c.request_id: (c.start, c.num_tokens) for c in b.chunks}
+    for rid in list(cb) + [r for r in ca if r not in cb]:
+        if ca.get(rid) != cb.get(rid):
+            raise CheckFailed(f"step {step}: the scheduler ran request {rid} {_span(ca.get(rid))} with your "
+                              f"block manager, {_span(cb.get(rid))} with the stock one" + hint)
+    if len(a.blocks_cache_hit) != len(b.blocks_cache_hit):
+        raise CheckFailed(f"step {step}: the trace records {len(a.blocks_cache_hit)} prefix-cache block hits "
+                          f"with your block manager, {len(b.blocks_cache_hit)} with the stock one: allocate() "
+                          "records its hits in self.events.cache_hits")
+
+
+@functools.lru_cache(maxsize=1)
+def stock_block_manager_run() -> BlockManagerRun:
+    """The workload run by the stock `BlockManager`: the reference, computed once per process."""
+    from minivllm.engine.block_manager import BlockManager
+
+    run = _run_workload(BlockManager)
+    if not (run.num_preemptions and run.num_cache_hits):
+        raise RuntimeError(f"the block-manager workload no longer exercises preemption ({run.num_preemptions}) "
+                           f"and the prefix cache ({run.num_cache_hits} hits): adjust BM_ENGINE_SETTINGS")
+    return run
+
+
+def _stage_block_manager_steps(cls: type, runs: dict) -> str:
+    stock = stock_block_manager_run()
+    runs["mine"] = _run_workload(cls, stock)
+    bs, n = BM_ENGINE_SETTINGS["block_size"], BM_ENGINE_SETTINGS["num_kv_blocks"]
+    return (f"the engine ran {len(stock.trace)} steps with your block manager ({len(stock.prompts)} requests "
+            f"sharing a system prompt, {n} KV blocks of {bs} tokens): after every step the block tables, "
+            f"ref counts, free queue and hashes were consistent, and the scheduler made the stock engine's "
+            f"decisions ({stock.num_preemptions} preemptions, {stock.num_cache_hits} prefix-cache block hits)")
+
+
+def _stage_block_manager_tokens(runs: dict) -> str:
+    mine, stock = runs["mine"], stock_block_manager_run()
+    for rid, want in stock.output_tokens.items():
+        got = mine.output_tokens[rid]
+        if got != want:
+            pos = next(t for t, (x, y) in enumerate(zip(got, want)) if x != y)
+            raise CheckFailed(
+                f"request {rid} (prompt ending {mine.prompts[rid]!r}): output token {pos} is {got[pos]} with "
+                f"your block manager, {want[pos]} with the stock one, so the model read K/V from a block "
+                "that does not hold this request's tokens")
+    return (f"all {len(stock.output_tokens)} requests generated the stock engine's {BM_PARAMS.max_tokens} "
+            "greedy tokens, reading their K/V through your block tables")
+
+
+def check_block_manager(cls: type, *, verbose: bool = True) -> CheckResult:
+    """Exercise 02: ``cls`` subclasses `BlockManagerBase` with the learner's allocation core
+    (``find_cached_prefix``, ``allocate``, ``append_slots``, ``free``).
+
+    1. the real engine runs a workload with a shared system prompt, forced preemption and a second
+       wave, with ``cls`` as its block manager (``LLM(..., block_manager_class=cls)``); after every
+       step finished and waiting requests hold no blocks, the running ones pass
+       `BlockManagerBase.check_invariants`, and the scheduler made the same decisions as with the
+       stock `BlockManager`;
+    2. every request's generated tokens equal the stock engine's.
+    """
+    runs: dict[str, BlockManagerRun] = {}
+    return _run("check_block_manager", [lambda: _stage_block_manager_steps(cls, runs),
+                                        lambda: _stage_block_manager_tokens(runs)], verbose)
+
+
+# ==== exercise 04: the scheduling policy ==========================================================
+
+# The engine workload: eight requests in two waves, four at most running, a 24-token budget (the
+# longer prompts run in chunks, prefill shares steps with decodes) and a KV cache of 24 blocks of 4
+# tokens, too small for four requests' outputs (preemption, then recompute).
+SP_ARRIVALS = {0: ["import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and run.\"\"\"\n",
+                   "def fibonacci(n):", "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+                   "    def push(self, item):", "def read_lines(path):\n    with open(path) as f:",
+                   "for i in range(10):", "def merge(a, b):\n    result = dict(a)\n    for key, value in"],
+               8: ["import json\n\n\ndef load(path):", "class Point:\n    def __init__(self, x, y):"]}
+SP_ENGINE_SETTINGS = dict(block_size=4, num_kv_blocks=24, max_model_len=128, max_num_seqs=4,
+                          max_num_batched_tokens=24, seed=0)
+SP_PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+SP_MAX_STEPS_FACTOR = 4  # a run this many times longer than the stock one starves someone
+
+
+@dataclass
+class PolicyRun:
+    """What one run of a workload produced under a policy."""
+
+    trace: list  # StepRecords
+    output_tokens: dict[str, list[int]]  # request id -> generated tokens (engine runs)
+    throughput: float = 0.0  # output tokens per second of virtual time (simulator runs)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(len(r.preempted) for r in self.trace)
+
+    @property
+    def num_chunked_prefills(self) -> int:
+        """Prefill chunks that stop short of the request's end of prompt: prompts split over steps."""
+        return sum(1 for r in self.trace for c in r.chunks if c.is_prefill and c.sampled_token is None)
+
+
+class AuditedPolicy(SchedulingPolicy):
+    """Runs the learner's policy inside the scheduler and checks every step it decides: the token
+    budget, ``max_num_seqs``, a request run twice, an empty step while requests are unfinished, a run
+    far longer than the stock policy's (``max_steps``). Raises `CheckFailed` in words, naming
+    ``where`` the policy runs."""
+
+    def __init__(self, policy: SchedulingPolicy, where: str, max_steps: int | None):
+        self.policy, self.where, self.max_steps, self.step = policy, where, max_steps, 0
+
+    def schedule(self, s, out) -> None:
+        at = f"{self.where}, step {self.step}"
+        if self.max_steps is not None and self.step >= self.max_steps:
+            raise CheckFailed(f"{at}: {len(s.running)} requests still run and {len(s.waiting)} wait, "
+                              f"{SP_MAX_STEPS_FACTOR} times as many steps as the stock policies needed: your policy "
+                              "starves some request (is it preempted and re-admitted over and over, or never "
+                              "admitted?)")
+        try:
+            self.policy.schedule(s, out)
+        except NotImplementedError:
+            raise CheckFailed(f"{at}: schedule() raised NotImplementedError: replace `# YOUR CODE HERE` and "
+                              "`raise NotImplementedError` with your code") from None
+        except Exception as e:  # the learner's bug is the finding, not a crash of the check
+            raise CheckFailed(f"{at}: your policy raised {type(e).__name__}: {e}") from None
+        ids = [c.seq.request_id for c in out.chunks]
+        if out.num_batched_tokens > s.max_num_batched_tokens:
+            parts = ", ".join(f"{c.seq.request_id}: {c.num_new_tokens}" for c in out.chunks)
+            raise CheckFailed(f"{at}: your policy scheduled {out.num_batched_tokens} tokens ({parts}), more than "
+                              f"the budget max_num_batched_tokens={s.max_num_batched_tokens}")
+        if len(s.running) > s.max_num_seqs:
+            raise CheckFailed(f"{at}: {len(s.running)} requests are running after your policy's step, more than "
+                              f"max_num_seqs={s.max_num_seqs}")
+        if len(set(ids)) < len(ids):
+            twice = next(r for r in ids if ids.count(r) > 1)
+            raise CheckFailed(f"{at}: your policy ran request {twice} twice in one step")
+        if out.is_empty and s.has_unfinished():
+            raise CheckFailed(
+                f"{at}: your policy scheduled nothing while {len(s.running)} requests run and {len(s.waiting)} "
+                f"wait ({s.block_manager.num_free_blocks} free KV blocks): the engine cannot go on. When a running "
+                "request cannot get a block, preempt another one (scheduler.preempt) to free its blocks")
+        self.step += 1
+
+
+def _audited(policy, where: str, max_steps: int | None) -> AuditedPolicy:
+    if not isinstance(policy, SchedulingPolicy):
+        hint = f" (pass an instance: {policy.__name__}())" if isinstance(policy, type) else ""
+        raise CheckFailed(f"policy={policy!r} must be an instance of a SchedulingPolicy subclass{hint}")
+    return AuditedPolicy(policy, where, max_steps)
+
+
+def _run_engine_policy(policy, stock: PolicyRun | None = None) -> PolicyRun:
+    """The engine workload under ``policy`` (audited every step); raises `CheckFailed`."""
+    from minivllm import LLM
+
+    where = "in the engine"
+    audited = _audited(policy, where, len(stock.trace) * SP_MAX_STEPS_FACTOR if stock else None)
+    with _check_model_folder() as folder, _quiet_engine_logs():
+        llm = LLM(folder, batching_policy=audited, **SP_ENGINE_SETTINGS)
+    engine = llm.llm_engine
+    seqs, tokens, step = {}, {}, 0
+    while step <= max(SP_ARRIVALS) or engine.has_unfinished_requests():
+        for prompt in SP_ARRIVALS.get(step, ()):
+            rid = f"r{len(seqs)}"
+            engine.add_request(rid, prompt, SP_PARAMS)
+            seqs[rid] = engine.requests[rid]
+        try:
+            for out in engine.step():
+                tokens[out.request_id] = out.outputs[0].token_ids
+        except CheckFailed:
+            raise
+        except Exception as e:  # for example the block manager, out of blocks
+            raise CheckFailed(f"{where}, step {step}: {type(e).__name__}: {e}") from None
+        _check_block_state(engine.block_manager, seqs, step)
+        step += 1
+    return PolicyRun(engine.trace, tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def stock_policy_engine_run() -> PolicyRun:
+    """The engine workload under the stock continuous policy: the reference, computed once per process."""
+    from minivllm.engine.policy import ContinuousBatching
+
+    run = _run_engine_policy(ContinuousBatching())
+    if not (run.num_preemptions and run.num_chunked_prefills):
+        raise RuntimeError(f"the policy workload no longer exercises preemption ({run.num_preemptions}) and "
+                           f"chunked prefill ({run.num_chunked_prefills}): adjust SP_ENGINE_SETTINGS")
+    return run
+
+
+def _stage_policy_engine(policy) -> str:
+    stock = stock_policy_engine_run()
+    mine = _run_engine_policy(policy, stock)
+    for rid, want in stock.output_tokens.items():
+        got = mine.output_tokens[rid]
+        if got != want:
+            pos = next((t for t, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+            raise CheckFailed(f"in the engine: request {rid}: output token {pos} is "
+                              f"{got[pos] if pos < len(got) else 'missing'} with your policy, {want[pos]} with "
+                              "the stock one (greedy decoding does not depend on the schedule: did a chunk skip "
+                              "or repeat prompt tokens?)")
+    s = SP_ENGINE_SETTINGS
+    return (f"the engine ran {len(stock.output_tokens)} requests in {len(mine.trace)} steps with your policy "
+            f"({len(stock.trace)} with the stock one; max_num_seqs={s['max_num_seqs']}, budget "
+            f"{s['max_num_batched_tokens']} tokens, {s['num_kv_blocks']} KV blocks of {s['block_size']} tokens): "
+            f"budget, max_num_seqs and block bookkeeping held after every step ({mine.num_preemptions} "
+            f"preemptions, {mine.num_chunked_prefills} partial prompt chunks), and every request generated the "
+            f"stock engine's {SP_PARAMS.max_tokens} greedy tokens")
+
+
+# The simulator workload: chapter 04's balanced workload at GPU scale, with a KV cache cut to 600
+# blocks (9,600 tokens) so that the policy has to preempt there too.
+SP_SIM_REQUESTS = dict(name="balanced", num_requests=120, request_rate=8.0)
+SP_SIM_SETTINGS = dict(max_num_seqs=32, num_kv_blocks=600)
+
+
+def _run_sim_policy(policy: SchedulingPolicy | str) -> PolicyRun:
+    from minivllm.sim import SimConfig, Simulator, compute_metrics, get_hardware, get_model, preset
+
+    config = SimConfig(get_model("Llama-3.1-8B"), get_hardware("H100-SXM"), **SP_SIM_SETTINGS,
+                       batching_policy=policy)
+    result = Simulator(config).run(preset(**SP_SIM_REQUESTS).generate())
+    metrics = compute_metrics(result.trace, result.arrival_times)
+    return PolicyRun(result.trace, {}, metrics.output_throughput)
+
+
+@functools.lru_cache(maxsize=2)
+def stock_policy_sim_run(name: str) -> PolicyRun:
+    """The simulator workload under a stock policy (``continuous`` or ``static``), once per process."""
+    return _run_sim_policy(name)
+
+
+def _stage_policy_sim(policy) -> str:
+    continuous, static = stock_policy_sim_run("continuous"), stock_policy_sim_run("static")
+    max_steps = SP_MAX_STEPS_FACTOR * max(len(continuous.trace), len(static.trace))
+    mine = _run_sim_policy(_audited(policy, "in the simulator", max_steps))
+    n = SP_SIM_REQUESTS["num_requests"]
+    if mine.throughput <= static.throughput:
+        raise CheckFailed(f"in the simulator: your policy's output throughput is {mine.throughput:.0f} tokens/s, "
+                          f"no better than static batching's {static.throughput:.0f} (stock continuous batching: "
+                          f"{continuous.throughput:.0f}): admit waiting requests while the running ones decode")
+    return (f"the simulator ran {n} requests (Llama-3.1-8B on an H100, {SP_SIM_SETTINGS['num_kv_blocks']} KV blocks) "
+            f"with your policy: {mine.throughput:.0f} output tokens/s, {mine.throughput / static.throughput:.2f}x "
+            f"static batching, {mine.throughput / continuous.throughput:.2f}x the stock continuous policy "
+            f"({mine.num_preemptions} preemptions)")
+
+
+def check_scheduling_policy(policy, *, verbose: bool = True) -> CheckResult:
+    """Exercise 04: ``policy``, an instance of a `SchedulingPolicy` subclass, decides each step.
+
+    1. the real engine runs a workload of eight requests in two waves with ``policy`` as its
+       ``batching_policy``, with chunked prompts, a cap of four running requests and a cache too
+       small for them; every step stays within the token budget and ``max_num_seqs``, runs no
+       request twice and schedules something while requests are unfinished; after every step the
+       block manager's bookkeeping holds; every request generates the stock engine's greedy tokens;
+    2. the simulator runs chapter 04's balanced workload at GPU scale under the same per-step audit,
+       and the policy's output throughput must beat static batching's.
+    """
+    return _run("check_scheduling_policy", [lambda: _stage_policy_engine(policy),
+                                            lambda: _stage_policy_sim(policy)], verbose)
+
+
+# ==== exercise 06: the paged decode kernel =========================================================
+
+DecodeFn = Callable[..., torch.Tensor]
+
+# (what the case is, context lengths, query heads per KV head, head size, block size, query scale);
+# none is the exercise notebook's own example. The last one's scores come near 100: exp() of them
+# overflows float32 unless the running maximum is subtracted.
+DECODE_CASES = [
+    ("one sequence of 11 tokens in blocks of 16, 1 query head per KV head", [11], 1, 16, 16, 1.0),
+    ("one sequence of 50 tokens over 4 blocks of 16 in shuffled order", [50], 2, 32, 16, 1.0),
+    ("5 sequences of ragged lengths, 4 query heads per KV head, blocks of 16", [1, 33, 100, 7, 16], 4, 32, 16, 1.0),
+    ("3 sequences, 8 query heads per KV head, blocks of 1 token", [3, 20, 9], 8, 16, 1, 1.0),
+    ("2 sequences in blocks of 32, head size 64, scores near 100", [70, 31], 2, 64, 32, 40.0),
+]
+
+
+def _decode_device() -> torch.device:
+    """Where the learner's Triton kernel runs: the CPU in the interpreter, else the GPU."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.device("cpu" if interpret or not torch.cuda.is_available() else "cuda")
+
+
+def _not_implemented(e: BaseException) -> bool:
+    """Whether ``e`` is, or wraps, the skeleton's NotImplementedError (the Triton interpreter re-raises
+    a kernel's exception as an ``InterpreterError``)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, NotImplementedError) or "NotImplementedError" in repr(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _stage_decode_case(decode: DecodeFn, case: tuple, seed: int) -> str:
+    from minivllm.kernels.reference import varlen_paged_attention
+
+    what, context_lens, group, head_dim, block_size, q_scale = case
+    kv_heads, device = 2, _decode_device()
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(need) + 2  # two spare blocks of noise that no table points to
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for n in need:
+        tables.append(order[used:used + n] + [order[-1]] * (max(need) - n))  # padded with a noise block
+        used += n
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=g)
+    q = q_scale * torch.randn(len(context_lens), kv_heads * group, head_dim, generator=g)
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    ones = torch.ones(len(context_lens), dtype=torch.int32)
+    want = varlen_paged_attention(q, k_cache, v_cache, block_tables, lens, torch.arange(len(context_lens)),
+                                  ones, scale, block_size)
+    args = [t.to(device) for t in (q, k_cache, v_cache, block_tables, lens)]
+    try:
+        got = decode(*args, scale, block_size)
+    except Exception as e:  # the learner's bug is the finding, not a crash of the check
+        if _not_implemented(e):
+            raise CheckFailed("your kernel raised NotImplementedError: replace `# YOUR CODE HERE` and "
+                              "`raise NotImplementedError` with the loop body") from None
+        raise CheckFailed(f"{what}: your kernel raised {type(e).__name__}: {e}") from None
+    if not isinstance(got, torch.Tensor) or got.shape != q.shape:
+        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise CheckFailed(f"{what}: the output is {shape}, expected {list(q.shape)} [sequences, heads, head size]")
+    got = got.float().cpu()
+    bad = ~torch.isclose(got, want, atol=1e-4, rtol=1e-4)
+    if bad.any():
+        s, h, d = bad.nonzero()[0].tolist()
+        hint = (" (not a number: exp() of a large score overflowed; subtract the running maximum)"
+                if not torch.isfinite(got[s, h]).all() else "")
+        raise CheckFailed(f"{what}: sequence {s} (context {context_lens[s]}), query head {h}: output[{d}] is "
+                          f"{got[s, h, d].item():.5f}, the reference gives {want[s, h, d].item():.5f}{hint}")
+    return f"{what}: matches the reference"
+
+
+def check_paged_decode(decode: DecodeFn, *, verbose: bool = True) -> CheckResult:
+    """Exercise 06: ``decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size)``
+    returns the attention of each sequence's one query (``q``: ``[seqs, heads, head_dim]``) over its
+    ``context_lens[s]`` cached tokens (``k_cache``/``v_cache``: ``[slots, kv_heads, head_dim]``), found
+    through ``block_tables[s]``. Each stage is a shape the notebook does not use, checked against
+    `minivllm.kernels.reference.varlen_paged_attention` (float32, tolerance 1e-4)."""
+    return _run("check_paged_decode", [lambda c=c, i=i: _stage_decode_case(decode, c, seed=100 + i)
+                                       for i, c in enumerate(DECODE_CASES)], verbose)
+
+
+# ==== exercise 08: the row-parallel linear layer ===================================================
+# The learner writes two functions: ``input_shard(x, rank, world_size)``, the slice of the layer's
+# input that a rank multiplies, and ``row_parallel_forward(self, x)``, the forward of
+# `minivllm.layers.linear.RowParallelLinear` on that slice. The check runs them in two gloo processes:
+# each rank builds the stock layer, loads its shard of the full weight with the stock
+# ``weight_loader``, swaps in the learner's forward as ``RowParallelLinear.forward`` and calls the
+# layer, so the learner's code runs where the engine runs its own.
+#
+# Spawned processes start empty, and a function defined in a notebook cell lives in ``__main__``,
+# which they cannot import (pickle sends functions by their module and name). So the check sends
+# the forward's *source* (`inspect.getsource`) and each rank executes it in a namespace holding
+# what the layer's own module imports (`ROW_PARALLEL_NAMESPACE`): the learner's function must use
+# only those names. ``input_shard`` runs in this process, so it needs no such care.
+
+ROW_PARALLEL_WORLD = 2
+# (what the case is, input shape, output features, bias); none is the exercise notebook's own example.
+ROW_PARALLEL_CASES = [
+    ("1 token, 8 -> 4 features, no bias", (1, 8), 4, False),
+    ("5 tokens, 16 -> 12 features, with bias", (5, 16), 12, True),
+    ("2 x 3 tokens (a 3-D input), 32 -> 8 features, with bias", (2, 3, 32), 8, True),
+    ("7 tokens, 64 -> 48 features, no bias", (7, 64), 48, False),
+]
+ROW_PARALLEL_NAMESPACE = "import torch\nimport torch.distributed as dist\nimport torch.nn.functional as F\n" \
+                         "from torch import nn\nfrom minivllm.distributed.parallel_state import tensor_parallel_group\n"
+ROW_PARALLEL_TIMEOUT_S = 60.0  # the whole run: two fresh processes import torch, then a few tiny matmuls
+ROW_PARALLEL_STRAGGLER_S = 10.0  # once one rank has answered, how long the other may take
+
+
+def _row_parallel_rank(rank: int, init_method: str, source: str, name: str, cases: list, conn) -> None:
+    """One rank of the check (runs in a spawned process): the stock layer with the learner's
+    forward. Sends ``("done", [(output, all_reduce calls)] per case)`` or ``("raised", case, what,
+    whether it is the skeleton's NotImplementedError)``."""
+    import torch.distributed as dist
+
+    from minivllm.distributed.comm import count_collectives
+    from minivllm.layers.linear import RowParallelLinear
+
+    torch.set_num_threads(1)
+    case = None
+    try:
+        namespace: dict = {}
+        exec(ROW_PARALLEL_NAMESPACE, namespace)
+        exec(compile(source, f"<your {name}>", "exec"), namespace)
+        RowParallelLinear.forward = namespace[name]
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=ROW_PARALLEL_WORLD)
+        outputs = []
+        for case, (x, weight, bias) in enumerate(cases):
+            layer = RowParallelLinear(weight.shape[1], weight.shape[0], bias is not None, rank, ROW_PARALLEL_WORLD)
+            layer.weight_loader(layer.weight, weight)
+            if bias is not None:
+                layer.weight_loader(layer.bias, bias)
+            with count_collectives() as counts, torch.no_grad():
+                y = layer(x)
+            # numpy arrays travel by value; a tensor would travel as shared memory this process frees on exit
+            outputs.append((y.numpy() if isinstance(y, torch.Tensor) else y, counts.get("all_reduce", [0, 0])[0]))
+        conn.send(("done", outputs))
+    except BaseException as e:  # the learner's bug is the finding: report it, never a bare traceback
+        conn.send(("raised", case, f"{type(e).__name__}: {e}", _not_implemented(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _row_parallel_data(case: tuple, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    _, shape, out_features, bias = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    weight = torch.randn(out_features, shape[-1], generator=g)
+    return x, weight, torch.randn(out_features, generator=g) if bias else None
+
+
+def _learner_source(fn: Callable, what: str) -> str:
+    import textwrap
+
+    if not callable(fn) or not hasattr(fn, "__code__") or fn.__name__ == "<lambda>":
+        raise CheckFailed(f"{what}={fn!r} must be a function defined with `def`")
+    try:
+        return textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        raise CheckFailed(f"the source of {what} ({fn.__name__}) cannot be read: define it with `def` in a "
+                          "notebook cell or a .py file") from None
+
+
+def _stage_input_shard(input_shard: Callable, cases: list) -> str:
+    """Each rank's input slice must be the input features its weight shard multiplies: the stock
+    ``weight_loader`` gives rank r the weight's columns r*k .. (r+1)*k - 1."""
+    for (what, *_), (x, _, _) in zip(ROW_PARALLEL_CASES, cases):
+        k = x.shape[-1] // ROW_PARALLEL_WORLD
+        for rank in range(ROW_PARALLEL_WORLD):
+            want = x[..., rank * k:(rank + 1) * k]
+            try:
+                got = input_shard(x.clone(), rank, ROW_PARALLEL_WORLD)
+            except Exception as e:  # the learner's bug is the finding, not a crash of the check
+                if _not_implemented(e):
+                    raise CheckFailed("input_shard() raised NotImplementedError: replace `# YOUR CODE HERE` and "
+                                      "`raise NotImplementedError` with your code") from None
+                raise CheckFailed(f"{what}: input_shard(x, rank={rank}, world_size={ROW_PARALLEL_WORLD}) raised "
+                                  f"{type(e).__name__}: {e}") from None
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise CheckFailed(f"{what}: input_shard(x, rank={rank}, world_size={ROW_PARALLEL_WORLD}) is {shape} "
+                                  f"for x of shape {list(x.shape)}; expected {list(want.shape)}: the last "
+                                  f"dimension (input features) split in {ROW_PARALLEL_WORLD}")
+            if not torch.equal(got, want):
+                raise CheckFailed(
+                    f"wrong shard slicing: {what}: input_shard(x, rank={rank}, world_size={ROW_PARALLEL_WORLD}) "
+                    f"is not input features {rank * k}-{(rank + 1) * k - 1}, the weight columns rank {rank} holds "
+                    f"(the stock weight_loader gives rank r the contiguous columns r*k .. (r+1)*k - 1)")
+    return (f"input_shard gives each of {ROW_PARALLEL_WORLD} ranks the input features its weight shard "
+            f"multiplies, in {len(cases)} shapes")
+
+
+def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
+    """Run `_row_parallel_rank` in one spawned process per rank; each rank's [(output, calls)]."""
+    import multiprocessing as mp
+    import time
+    from multiprocessing.connection import wait
+
+    from minivllm.distributed.executor import _free_port, shutdown_workers
+
+    ctx = mp.get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    conns, procs = [], []
+    for rank in range(ROW_PARALLEL_WORLD):
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=_row_parallel_rank, daemon=True,
+                                 args=(rank, init_method, source, name, per_rank[rank], child)))
+        procs[-1].start()
+        child.close()
+        conns.append(parent)
+    replies: dict[int, tuple] = {}
+    deadline = time.monotonic() + ROW_PARALLEL_TIMEOUT_S
+    try:
+        while len(replies) < ROW_PARALLEL_WORLD:
+            ready = wait([c for r, c in enumerate(conns) if r not in replies], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                waiting = [r for r in range(ROW_PARALLEL_WORLD) if r not in replies]
+                answered = f" after rank {next(iter(replies))} had finished" if replies else ""
+                raise CheckFailed(
+                    f"rank {waiting[0]} did not finish{answered}: it is waiting in a collective that the other rank "
+                    f"never called (every rank must call dist.all_reduce the same number of times)")
+            for conn in ready:
+                rank = conns.index(conn)
+                try:
+                    replies[rank] = conn.recv()
+                except EOFError:
+                    raise CheckFailed(f"rank {rank}'s process died (exit code {procs[rank].exitcode}) while "
+                                      "running your forward") from None
+                if replies[rank][0] == "raised":
+                    _, case, what, not_implemented = replies[rank]
+                    if not_implemented:
+                        raise CheckFailed("row_parallel_forward() raised NotImplementedError: replace "
+                                          "`# YOUR CODE HERE` and `raise NotImplementedError` with your code")
+                    where = f"{ROW_PARALLEL_CASES[case][0]}: " if case is not None else ""
+                    done = [r for r, reply in replies.items() if reply[0] == "done"]
+                    if done:  # its peer had left: it was waiting in a collective the peer never called
+                        raise CheckFailed(f"{where}rank {rank} was still waiting in a collective when rank {done[0]} "
+                                          "had finished (every rank must call dist.all_reduce the same number "
+                                          "of times)")
+                    hint = (f" (the check runs your function from its source alone in fresh processes: it may use "
+                            f"torch, dist, F, nn and tensor_parallel_group, and no other name of your notebook)"
+                            if what.startswith("NameError") else "")
+                    raise CheckFailed(f"{where}rank {rank}: your forward raised {what}{hint}")
+                deadline = min(deadline, time.monotonic() + ROW_PARALLEL_STRAGGLER_S)
+    finally:
+        shutdown_workers(procs, conns)
+    return [replies[r][1] for r in range(ROW_PARALLEL_WORLD)]
+
+
+def _stage_row_parallel_forward(forward: Callable, input_shard: Callable, cases: list) -> str:
+    import numpy as np
+
+    source = _learner_source(forward, "row_parallel_forward")
+    world = ROW_PARALLEL_WORLD
+    per_rank = [[(input_shard(x.clone(), r, world), w, b) for x, w, b in cases] for r in range(world)]
+    results = _run_ranks(source, forward.__name__, per_rank)
+    for i, ((what, *_), (x, weight, bias)) in enumerate(zip(ROW_PARALLEL_CASES, cases)):
+        want = F.linear(x, weight, bias)  # the unsplit layer
+        for rank in range(world):
+            got, calls = results[rank][i]
+            got = torch.from_numpy(got) if isinstance(got, np.ndarray) else got
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise CheckFailed(f"{what}: rank {rank}'s output is {shape}, expected {list(want.shape)}")
+            if torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+                continue
+            if calls == 0:
+                raise CheckFailed(f"missing all-reduce: {what}: rank {rank} never called dist.all_reduce, so its "
+                                  "output is only its own partial sum; sum the ranks' partial outputs")
+            if bias is not None and torch.allclose(got, want + (world - 1) * bias, atol=1e-4, rtol=1e-4):
+                raise CheckFailed(f"bias added on every rank: {what}: the output holds the bias {world} times, "
+                                  f"once per rank, as the all-reduce sums it too; add it on rank 0 only")
+            d = int((got - want).abs().flatten().argmax())
+            raise CheckFailed(f"{what}: rank {rank}'s output[{d}] (flattened) is {got.flatten()[d]:.5f}, the unsplit "
+                              f"layer gives {want.flatten()[d]:.5f} (your forward called dist.all_reduce {calls} "
+                              f"time{'s' * (calls != 1)})")
+    return (f"in {world} gloo processes, the stock RowParallelLinear with your forward equals the unsplit "
+            f"layer (F.linear on the full weight) on every rank, in {len(cases)} shapes with and without bias")
+
+
+def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Callable, *,
+                              verbose: bool = True) -> CheckResult:
+    """Exercise 08: ``input_shard(x, rank, world_size)`` is the slice of the input ``x`` that rank
+    ``rank`` multiplies, and ``row_parallel_forward(self, x)`` the forward of a
+    `RowParallelLinear` (``self.weight``: this rank's columns of the weight, ``self.bias``: the whole
+    bias or None, ``self.tp_rank``, ``self.tp_size``) on that slice.
+
+    1. ``input_shard`` matches the columns the stock weight loader gives each rank;
+    2. in two gloo processes (spawned, 127.0.0.1), the stock layer with ``row_parallel_forward`` as
+       its forward gives every rank the unsplit layer's output (F.linear on the full weight), for
+       several shapes with and without bias. The forward is sent by its source (see above)."""
+    cases = [_row_parallel_data(c, seed=800 + i) for i, c in enumerate(ROW_PARALLEL_CASES)]
+    return _run("check_row_parallel_linear",
+                [lambda: _stage_input_shard(input_shard, cases),
+                 lambda: _stage_row_parallel_forward(row_parallel_forward, input_shard, cases)], verbose)
+
+
+__all__ = ["BlockManagerRun", "CheckFailed", "CheckResult", "HISTORY", "LearnerSampler", "check_block_manager",
+           "check_engine", "check_paged_decode", "check_row_parallel_linear", "check_sampling", "chi_square_pvalue", "describe", "reference_probs",
+           "stock_block_manager_run"]

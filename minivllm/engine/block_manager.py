@@ -10,9 +10,16 @@ Pure Python, no torch: the model runner, the simulator and the course widgets dr
   also compares the stored token ids, so a hash collision can never hand out the wrong KV.
 * Freed blocks keep their contents and their hash: they wait in an LRU free queue and can still be
   hit until a new allocation evicts them (least recently freed first).
+
+Two classes, so that exercise 02 can plug a learner's allocation core into the real engine
+(``LLM(..., block_manager_class=...)``): `BlockManagerBase` holds the blocks, the free queue and its
+eviction, the queries the scheduler asks, the events the trace reads and the invariant check;
+`BlockManager`, the engine's own, adds the allocation core (prefix-cache lookup, allocate, append
+slots, free).
 """
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -38,11 +45,17 @@ class BlockEvents:
 
 
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block, which depends on every token before it through ``parent_hash``."""
-    return hash((parent_hash, token_ids))
+    """Hash of a full block, which depends on every token before it through ``parent_hash``.
+
+    Built only from ints, whose hashes are the same in every process (``hash(None)`` is not before
+    Python 3.12), so the hashes a notebook prints are reproducible."""
+    return hash((0 if parent_hash is None else parent_hash, token_ids))
 
 
-class BlockManager:
+class BlockManagerBase(abc.ABC):
+    """Everything but the allocation core, which subclasses provide: `find_cached_prefix`,
+    `allocate`, `append_slots` and `free`."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks!r} must be an int >= 1")
@@ -71,12 +84,154 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int]) -> bool:
+        """Whether ``seq`` (with no blocks yet) can get blocks for its first ``num_new_tokens``
+        uncached tokens. Reviving a cached block from the free queue also uses up a free block."""
+        total = len(cached_blocks) * self.block_size + num_new_tokens
+        fresh = self.blocks_needed(total) - len(cached_blocks)
+        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        return fresh + revived <= self.num_free_blocks
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+        return need <= len(self.free_queue)
+
+    # ---- the allocation core ---------------------------------------------------------------
+    @abc.abstractmethod
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Physical blocks that already hold a prefix of ``seq``'s tokens (full blocks only).
 
         The last token of the sequence is never served from the cache: the model must run on it to
         produce the next token's logits, so at most ``(num_tokens - 1) // block_size`` blocks hit.
         """
+
+    @abc.abstractmethod
+    def allocate(self, seq: Sequence, cached_blocks: list[int]) -> None:
+        """Give a waiting ``seq`` (no blocks yet) its cached prefix blocks, one more reference each,
+        recorded in ``events.cache_hits``; sets ``num_computed_tokens`` to match."""
+
+    @abc.abstractmethod
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grow ``seq``'s table to cover ``num_new_tokens`` more tokens, then register the blocks
+        those tokens fill in the prefix cache (their K/V is written in this very step)."""
+
+    @abc.abstractmethod
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references, tail block first; empty its table, zero its
+        ``num_computed_tokens``."""
+
+    def free_slots_after(self, seq: Sequence, num_tokens: int) -> None:
+        """Speculative decoding: drop ``seq``'s blocks past the first ``num_tokens`` tokens (slots of
+        draft tokens that were rejected, or never proposed), tail first."""
+        if not 0 <= num_tokens <= len(seq.block_table) * self.block_size:
+            raise ValueError(f"num_tokens={num_tokens!r} must be in [0, {len(seq.block_table) * self.block_size}]")
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.push_free_block(block_id)
+        del seq.block_table[keep:]
+
+    # ---- the free queue ------------------------------------------------------------------
+    def pop_free_block(self) -> int:
+        """Take the least recently freed block off the free queue, evict the cached contents it
+        still holds, and return it empty. Its ref_count is 0: the caller takes the first reference."""
+        if not self.free_queue:
+            raise RuntimeError("no free block left: the scheduler asks can_allocate/can_append first")
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict the cached contents
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            self.num_cached_free_blocks -= 1
+            self.events.evicted.append(block_id)
+        block.block_hash, block.token_ids = None, ()
+        self.events.allocated.append(block_id)
+        return block_id
+
+    def revive_block(self, block_id: int) -> None:
+        """Take a free block that still holds cached contents off the free queue: a cache hit on
+        it. Its ref_count is 0: the caller takes the reference."""
+        if block_id not in self.free_queue or self.blocks[block_id].block_hash is None:
+            raise ValueError(f"block_id={block_id!r} is not a free cached block")
+        del self.free_queue[block_id]
+        self.num_cached_free_blocks -= 1
+
+    def push_free_block(self, block_id: int) -> None:
+        """Queue a block whose ref_count fell to 0 (evicted last); a cached one stays hittable."""
+        if block_id in self.free_queue:
+            raise ValueError(f"block_id={block_id!r} is already on the free queue")
+        if self.blocks[block_id].ref_count != 0:
+            raise ValueError(f"block_id={block_id!r} has ref_count {self.blocks[block_id].ref_count}: only a "
+                             "block no request holds goes on the free queue")
+        self.free_queue[block_id] = None
+        self.num_cached_free_blocks += self.blocks[block_id].block_hash is not None
+        self.events.freed.append(block_id)
+
+    def drain_events(self) -> BlockEvents:
+        events, self.events = self.events, BlockEvents()
+        return events
+
+    # ---- invariants (tests and the exercise check call this after every step) ---------------
+    def check_invariants(self, seqs: list[Sequence]) -> None:
+        """Raise AssertionError, in words, if the bookkeeping is inconsistent with ``seqs``
+        (every request that currently holds blocks). Call it between engine steps."""
+        holders: list[list[str]] = [[] for _ in range(self.num_blocks)]
+        for seq in seqs:
+            assert len(set(seq.block_table)) == len(seq.block_table), \
+                f"request {seq.request_id} lists a block twice: {seq.block_table}"
+            assert len(seq.block_table) == self.blocks_needed(seq.num_computed_tokens), (
+                f"request {seq.request_id} has {seq.num_computed_tokens} tokens in the cache but holds "
+                f"{len(seq.block_table)} blocks")
+            for b in seq.block_table:
+                holders[b].append(seq.request_id)
+        for block in self.blocks:
+            held = holders[block.block_id]
+            assert block.ref_count == len(held), (
+                f"block {block.block_id} has ref_count {block.ref_count} but {len(held)} block "
+                f"table{'s hold' if len(held) != 1 else ' holds'} it"
+                + (f" (request{'s' if len(held) > 1 else ''} {', '.join(held)})" if held else ""))
+            in_free = block.block_id in self.free_queue
+            assert in_free == (block.ref_count == 0), (
+                f"block {block.block_id} with ref_count {block.ref_count} is "
+                f"{'in' if in_free else 'missing from'} the free queue")
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].block_hash == h, f"cache entry for block {block_id} has a stale hash"
+        cached_free = sum(1 for b in self.free_queue if self.blocks[b].block_hash is not None)
+        assert cached_free == self.num_cached_free_blocks, (
+            f"{cached_free} free blocks hold cached contents, but the counter says {self.num_cached_free_blocks}")
+        assert len(self.free_queue) + sum(1 for h in holders if h) == self.num_blocks, "a block leaked"
+        if self.enable_prefix_caching:
+            for seq in seqs:
+                self._check_hashes(seq)
+
+    def _check_hashes(self, seq: Sequence) -> None:
+        """Every block ``seq`` has filled holds its tokens under the chain hash of its prefix; the
+        blocks it is still filling have no hash yet."""
+        bs, parent = self.block_size, None
+        for i, block_id in enumerate(seq.block_table):
+            block = self.blocks[block_id]
+            where = f"request {seq.request_id}'s logical block {i} (block {block_id})"
+            if (i + 1) * bs > seq.num_computed_tokens:
+                assert block.block_hash is None, f"{where} is not full yet but already has a hash"
+                continue
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            assert block.block_hash is not None, f"{where} is full but has no hash"
+            assert block.token_ids == tokens, (
+                f"{where} records tokens {list(block.token_ids)}, but the request's tokens there are "
+                f"{list(tokens)}")
+            want = chain_hash(parent, tokens)
+            assert block.block_hash == want, (
+                f"{where} has hash {block.block_hash}, but chaining its tokens onto the hash before "
+                f"it gives {want}")
+            parent = block.block_hash
+
+
+class BlockManager(BlockManagerBase):
+    """The engine's allocation core."""
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
@@ -92,70 +247,39 @@ class BlockManager:
             parent = h
         return hits
 
-    # ---- allocation ----------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int]) -> bool:
-        """Whether ``seq`` (with no blocks yet) can get blocks for its first ``num_new_tokens``
-        uncached tokens. Reviving a cached block from the free queue also uses up a free block."""
-        total = len(cached_blocks) * self.block_size + num_new_tokens
-        fresh = self.blocks_needed(total) - len(cached_blocks)
-        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
-        return fresh + revived <= self.num_free_blocks
-
     def allocate(self, seq: Sequence, cached_blocks: list[int]) -> None:
-        """Give a waiting ``seq`` its cached prefix blocks; sets ``num_computed_tokens`` to match."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                del self.free_queue[block_id]
-                self.num_cached_free_blocks -= 1
+                self.revive_block(block_id)
             block.ref_count += 1
             seq.block_table.append(block_id)
         self.events.cache_hits.extend(cached_blocks)
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
 
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return need <= self.num_free_blocks
-
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Grow ``seq``'s table to cover ``num_new_tokens`` more tokens, then register the blocks
-        those tokens fill in the prefix cache (their K/V is written in this very step)."""
         end = seq.num_computed_tokens + num_new_tokens
-        while len(seq.block_table) < self.blocks_needed(end):
-            seq.block_table.append(self._take_free_block())
-        if self.enable_prefix_caching:
-            self._register_full_blocks(seq, end)
+        bs, table = self.block_size, seq.block_table
+        for _ in range(-(-end // bs) - len(table)):
+            block_id = self.pop_free_block()
+            self.blocks[block_id].ref_count = 1
+            table.append(block_id)
+        # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
+        filled = min(end, seq.num_tokens)
+        if self.enable_prefix_caching and filled // bs > seq.num_computed_tokens // bs:
+            self._register_full_blocks(seq, filled)
 
     def free(self, seq: Sequence) -> None:
-        """Drop ``seq``'s references. Tail blocks are queued first so they are evicted first:
-        a prefix is worth more to later requests than the tail that hangs from it."""
+        # tail blocks are queued first so they are evicted first: a prefix is worth more to later
+        # requests than the tail that hangs from it
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                self.num_cached_free_blocks += block.block_hash is not None
-                self.events.freed.append(block_id)
+                self.push_free_block(block_id)
         seq.block_table.clear()
         seq.num_computed_tokens = 0
-
-    def drain_events(self) -> BlockEvents:
-        events, self.events = self.events, BlockEvents()
-        return events
-
-    # ---- internals -----------------------------------------------------------------------
-    def _take_free_block(self) -> int:
-        block_id, _ = self.free_queue.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict the cached contents
-            if self.cached.get(block.block_hash) == block_id:
-                del self.cached[block.block_hash]
-            self.num_cached_free_blocks -= 1
-            self.events.evicted.append(block_id)
-        block.block_hash, block.token_ids, block.ref_count = None, (), 1
-        self.events.allocated.append(block_id)
-        return block_id
 
     def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Hash the blocks that become full with the first ``num_tokens`` tokens. Blocks before
@@ -171,31 +295,3 @@ class BlockManager:
                 # first writer wins; a duplicate stays private to its request and is never hit
                 self.cached.setdefault(block.block_hash, block.block_id)
             parent = block.block_hash
-
-    # ---- invariants (tests call this after every step) ------------------------------------
-    def check_invariants(self, seqs: list[Sequence]) -> None:
-        """Raise AssertionError, in words, if the bookkeeping is inconsistent with ``seqs``
-        (every request that currently holds blocks). Call it between engine steps."""
-        refs = [0] * self.num_blocks
-        for seq in seqs:
-            assert len(set(seq.block_table)) == len(seq.block_table), \
-                f"{seq.request_id} lists a block twice: {seq.block_table}"
-            assert len(seq.block_table) == self.blocks_needed(seq.num_computed_tokens), (
-                f"{seq.request_id} has {seq.num_computed_tokens} tokens in the cache but holds "
-                f"{len(seq.block_table)} blocks")
-            for b in seq.block_table:
-                refs[b] += 1
-        for block in self.blocks:
-            assert block.ref_count == refs[block.block_id], (
-                f"block {block.block_id} has ref_count {block.ref_count} but {refs[block.block_id]} "
-                "table references")
-            in_free = block.block_id in self.free_queue
-            assert in_free == (block.ref_count == 0), (
-                f"block {block.block_id} with ref_count {block.ref_count} is "
-                f"{'in' if in_free else 'missing from'} the free queue")
-        for h, block_id in self.cached.items():
-            assert self.blocks[block_id].block_hash == h, f"cache entry for block {block_id} has a stale hash"
-        cached_free = sum(1 for b in self.free_queue if self.blocks[b].block_hash is not None)
-        assert cached_free == self.num_cached_free_blocks, (
-            f"{cached_free} free blocks hold cached contents, but the counter says {self.num_cached_free_blocks}")
-        assert len(self.free_queue) + sum(1 for r in refs if r) == self.num_blocks, "a block leaked"

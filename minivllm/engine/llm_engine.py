@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Union
 
 from minivllm.config import EngineConfig, ModelConfig
-from minivllm.engine.block_manager import BlockManager
+from minivllm.distributed.executor import make_executor
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
-from minivllm.engine.trace import StepRecord, make_step_record
+from minivllm.engine.step import run_step
+from minivllm.engine.trace import StepRecord
 from minivllm.models.loader import resolve_model_folder
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.spec_decode.decoder import SpeculativeDecoder
 from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("minivllm")
@@ -22,10 +25,8 @@ PromptType = Union[str, dict]
 class LLMEngine:
     """Requests in, one scheduled step at a time. ``trace`` holds a `StepRecord` per step."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, dp_rank: int = 0):
         from transformers import AutoTokenizer  # tokenizer only; the model is minivllm's own
-
-        from minivllm.worker.model_runner import ModelRunner
 
         self.config = config
         folder = resolve_model_folder(config.model)
@@ -34,13 +35,20 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_token_ids = set(mc.eos_token_ids) or (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-        self.model_runner = ModelRunner(config, mc, folder, self.max_model_len)
-        self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        # the model here, or one worker process per rank (tensor/pipeline parallel)
+        self.model_runner = make_executor(config, mc, folder, self.max_model_len, dp_rank)
+        self.block_manager = config.block_manager_class(self.model_runner.num_blocks, config.block_size,
+                                                        config.enable_prefix_caching)
+        spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    enable_chunked_prefill=config.enable_chunked_prefill,
-                                   batching_policy=config.batching_policy)
+                                   batching_policy=config.batching_policy,
+                                   num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+                                   max_model_len=self.max_model_len)
+        # speculative decoding: guess tokens ahead and verify them in the target's one forward pass
+        self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.model_runner, self.block_manager,
+                                               self.max_model_len) if spec else None
         self.requests: dict[str, Sequence] = {}
         self.trace: list[StepRecord] = []
         tokens = self.model_runner.num_blocks * config.block_size
@@ -124,28 +132,20 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the requests that finished in it."""
-        start = time.time()
-        out = self.scheduler.schedule()
-        if out.is_empty and self.scheduler.has_unfinished():
-            raise RuntimeError("the scheduler could not schedule any waiting request; this is a bug")
-        for chunk in out.chunks:
-            if chunk.seq.first_scheduled_time is None:
-                chunk.seq.first_scheduled_time = start
-        sampled = self.model_runner.execute(out) if out.chunks else {}
-        self.scheduler.update(out, sampled)
-        now = time.time()
-        finished = [seq for seq, token in sampled.items() if self._check_stop(seq, token, now)]
-        for seq in finished:
-            self.scheduler.finish(seq, seq.finish_reason)
-        self.trace.append(make_step_record(
-            len(self.trace), start, now, out, sampled, finished, self.block_manager,
-            len(self.scheduler.running), len(self.scheduler.waiting)))
+        execute = self.spec_decoder.execute if self.spec_decoder is not None else self.model_runner.execute
+        record, finished = run_step(self.scheduler, execute, time.time,
+                                    self._check_stop, len(self.trace))
+        if record.chunks:
+            record = replace(record, comm=self.model_runner.last_comm)
+        self.trace.append(record)
         return [self._finish_output(seq) for seq in finished]
 
-    def _check_stop(self, seq: Sequence, token: int, now: float) -> bool:
+    def close(self) -> None:
+        """Free the model; with worker processes, shut them down."""
+        self.model_runner.close()
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
         """Apply the request's stop conditions to its newest token; sets ``finish_reason``."""
-        if seq.first_token_time is None:
-            seq.first_token_time = now
         p = seq.sampling_params
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
@@ -166,12 +166,15 @@ class LLMEngine:
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
         self.model_runner.release(seq.request_id)
+        if self.spec_decoder is not None:
+            self.spec_decoder.release(seq.request_id)
         seq.finished_time = time.time()
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         if isinstance(seq.stop_reason, str):
             text = text[:text.find(seq.stop_reason)]  # vLLM leaves the stop string out of the text
         completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)
         metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
-                                 seq.finished_time, seq.num_cached_tokens or 0, seq.num_preemptions)
+                                 seq.finished_time, seq.num_cached_tokens or 0, seq.num_preemptions,
+                                 seq.spec_metrics if self.spec_decoder is not None else None)
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [completion],
                              finished=True, metrics=metrics)

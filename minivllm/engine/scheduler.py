@@ -12,6 +12,15 @@ Pure Python, no torch. Every step the scheduler hands out a token budget
 * ``static``: no request joins until the whole running batch has finished; the baseline that
   continuous batching is measured against.
 
+Those decisions are a `SchedulingPolicy` (`minivllm.engine.policy`): the Scheduler keeps the queues
+and makes the moves the policy asks for (`schedule_chunk`, `admit`, `preempt`); exercise 04 plugs in
+a learner's policy through ``batching_policy``.
+
+With speculative decoding (``num_speculative_tokens`` > 0) a decoding request also gets slots for up
+to that many draft tokens after its token, in the same step and from the same budget; the engine's
+proposer fills them (`ScheduledChunk.draft_token_ids`) and the KV of rejected drafts is dropped in
+`update`.
+
 When the KV cache runs out of blocks for a running request, the most recently arrived running
 request is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed later (its generated tokens are kept, and the prefix cache often makes that cheap).
@@ -23,28 +32,30 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.policy import BATCHING_POLICIES, SchedulingPolicy, make_policy  # noqa: F401 (re-exported)
 from minivllm.engine.sequence import Sequence, SequenceStatus
 
-BATCHING_POLICIES = ("continuous", "static")
 
-
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)  # built for every request every step: a plain slotted class is cheapest
 class ScheduledChunk:
-    """``num_new_tokens`` tokens of ``seq`` starting at position ``start`` run this step."""
+    """``num_new_tokens`` tokens of ``seq`` starting at position ``start`` run this step; the last
+    ``len(draft_token_ids)`` of them are draft tokens that follow the sequence's known tokens."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def is_prefill(self) -> bool:
-        """Prompt tokens, or several tokens at once (a recompute); a decode is one generated token."""
-        return self.start < self.seq.num_prompt_tokens or self.num_new_tokens > 1
+        """Prompt tokens, or several known tokens at once (a recompute); a decode is one generated
+        token (plus its drafts)."""
+        return self.start < self.seq.num_prompt_tokens or self.num_new_tokens - len(self.draft_token_ids) > 1
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last known token, so the step samples its next one."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
 
 
 @dataclass
@@ -63,9 +74,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, batching_policy: str = "continuous"):
-        if batching_policy not in BATCHING_POLICIES:
-            raise ValueError(f"batching_policy={batching_policy!r} must be one of {BATCHING_POLICIES}")
+                 enable_chunked_prefill: bool = True, batching_policy: str | SchedulingPolicy = "continuous",
+                 num_speculative_tokens: int = 0, max_model_len: int | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs!r} must be >= 1")
         if max_num_batched_tokens < 1:
@@ -74,7 +84,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.batching_policy = batching_policy
+        self.policy = make_policy(batching_policy)
+        self.num_speculative_tokens = num_speculative_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest arrival first; preemption takes from the end
 
@@ -98,64 +110,67 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """The next step, as the policy decides it."""
         out = SchedulerOutput()
-        if self.enable_chunked_prefill or not self._schedule_whole_prompts(out):
-            budget = self.max_num_batched_tokens
-            budget = self._schedule_running(out, budget)
-            # a step that had to preempt is short of blocks: admitting now would only thrash
-            if self.enable_chunked_prefill and not out.preempted:
-                self._schedule_waiting(out, budget, chunked=True)
+        self.policy.schedule(self, out)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        bm = self.block_manager
-        for seq in list(self.running):  # a copy: preemption removes from the end
-            if budget == 0 or seq.status is not SequenceStatus.RUNNING:
-                break  # out of budget, or seq was preempted and so was everyone after it
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while seq.status is SequenceStatus.RUNNING and not bm.can_append(seq, num_new):
-                self._preempt(self.running[-1], out)
-            if seq.status is not SequenceStatus.RUNNING:
-                break
-            bm.append_slots(seq, num_new)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
-        return budget
+    # ---- the moves a policy makes ------------------------------------------------------------
+    def num_tokens_to_run(self, seq: Sequence) -> int:
+        """The tokens a running ``seq`` has yet to run: one when it decodes, else the rest of its
+        prompt (or of a recompute); plus the slots of its draft tokens with speculative decoding."""
+        return seq.num_tokens - seq.num_computed_tokens + self._num_draft_slots(seq)
 
-    def _schedule_whole_prompts(self, out: SchedulerOutput) -> bool:
-        """Without chunked prefill: admit whole prompts; a step with prompts runs only prompts."""
-        self._schedule_waiting(out, self.max_num_batched_tokens, chunked=False)
-        return not out.is_empty
+    def schedule_chunk(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
+        """Run the next ``num_new_tokens`` tokens of the running ``seq`` this step; the policy has
+        checked `BlockManager.can_append`."""
+        if seq.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running: admit it first")
+        most = seq.num_tokens - seq.num_computed_tokens  # num_tokens_to_run, inlined: the hot path
+        if self.num_speculative_tokens:
+            most += self._num_draft_slots(seq)
+        if not 1 <= num_new_tokens <= most:
+            raise ValueError(f"num_new_tokens={num_new_tokens!r} must be in [1, {most}] for request {seq.request_id!r}")
+        self.block_manager.append_slots(seq, num_new_tokens)
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new_tokens))
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, *, chunked: bool) -> None:
-        if not self._admission_open():
-            return
-        bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            cached = bm.find_cached_prefix(seq)
-            remaining = seq.num_tokens - len(cached) * bm.block_size
-            num_new = min(remaining, budget) if chunked else remaining
-            if num_new > budget or not bm.can_allocate(seq, num_new, cached):
-                break
-            self.waiting.popleft()
-            bm.allocate(seq, cached)
-            if seq.num_cached_tokens is None:  # first admission: the hit the request is credited with
-                seq.num_cached_tokens = seq.num_computed_tokens
-            bm.append_slots(seq, num_new)
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
+    def _num_draft_slots(self, seq: Sequence) -> int:
+        """Slots for draft tokens after a decoding request's token: the engine verifies them all in
+        one step, which emits at most one token more than it accepts, so the request may never get
+        more than ``max_tokens`` or ``max_model_len`` allows minus one."""
+        if not self.num_speculative_tokens or seq.num_tokens - seq.num_computed_tokens != 1:
+            return 0
+        room = seq.sampling_params.max_tokens - seq.num_output_tokens - 1
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens - 1)
+        return max(0, min(self.num_speculative_tokens, room))
 
-    def _admission_open(self) -> bool:
-        """Static batching admits requests only while the current batch is still being formed,
-        that is, before any of its requests has produced a token."""
-        if self.batching_policy == "continuous":
-            return True
-        return not any(seq.num_output_tokens for seq in self.running)
+    def admit(self, seq: Sequence, cached_blocks: list[int], num_new_tokens: int, out: SchedulerOutput) -> None:
+        """Move the waiting ``seq`` to the running list with its cached prefix blocks (from
+        `BlockManager.find_cached_prefix`) and run its first ``num_new_tokens`` uncached tokens this
+        step; the policy has checked `BlockManager.can_allocate`."""
+        if seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not waiting")
+        uncached = seq.num_tokens - len(cached_blocks) * self.block_manager.block_size
+        if not 1 <= num_new_tokens <= uncached:
+            raise ValueError(f"num_new_tokens={num_new_tokens!r} must be in [1, {uncached}] for request "
+                             f"{seq.request_id!r}")
+        self.waiting.remove(seq)  # the policy chose it: the front of the queue for FCFS
+        self.block_manager.allocate(seq, cached_blocks)
+        if seq.num_cached_tokens is None:  # first admission: the hit the request is credited with
+            seq.num_cached_tokens = seq.num_computed_tokens
+        self.block_manager.append_slots(seq, num_new_tokens)
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new_tokens))
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Free the running ``seq``'s blocks and put it back at the front of the waiting queue, to be
+        recomputed later; its generated tokens are kept. Not a request already run this step."""
+        if seq.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running")
+        if any(c.seq is seq for c in out.chunks):
+            raise ValueError(f"seq={seq.request_id!r} already runs in this step: preempt it before scheduling it")
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -164,9 +179,25 @@ class Scheduler:
         out.preempted.append(seq)
 
     # ---- after the model ran ---------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[Sequence, int]) -> None:
-        """Advance every scheduled sequence past its chunk and append its sampled token, if any."""
+    def update(self, out: SchedulerOutput, sampled: dict[Sequence, int | list[int]]) -> None:
+        """Advance every scheduled sequence past its chunk and append its sampled token, if any.
+        A chunk with draft tokens emits a list: the drafts it accepted, then one more token."""
         for chunk in out.chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
-        for seq, token in sampled.items():
-            seq.token_ids.append(token)
+            if not chunk.draft_token_ids:
+                chunk.seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
+        for seq, tokens in sampled.items():
+            seq.token_ids += tokens if isinstance(tokens, list) else [tokens]
+        for chunk in out.chunks:
+            if chunk.draft_token_ids:
+                self._keep_accepted(chunk, len(sampled[chunk.seq]) - 1)
+
+    def _keep_accepted(self, chunk: ScheduledChunk, num_accepted: int) -> None:
+        """Keep the K/V of the chunk's known tokens and accepted drafts; give back the slots of the
+        rejected drafts (never registered in the prefix cache: `append_slots` registers known tokens
+        only), then register the blocks that the accepted drafts filled."""
+        seq, bm = chunk.seq, self.block_manager
+        num_computed = chunk.start + chunk.num_new_tokens - len(chunk.draft_token_ids) + num_accepted
+        bm.free_slots_after(seq, num_computed)
+        bm.append_slots(seq, num_computed - seq.num_computed_tokens)  # no new block: registers only
+        seq.num_computed_tokens = num_computed
+        seq.spec_metrics.record(len(chunk.draft_token_ids), num_accepted)

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from minivllm.sampling_params import SamplingParams
+from minivllm.spec_decode.metrics import SpecDecodeMetrics
 
 _arrival_counter = itertools.count()
 
@@ -42,6 +43,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    spec_metrics: SpecDecodeMetrics = field(default_factory=SpecDecodeMetrics)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -7,18 +7,79 @@ simulator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
+from minivllm.distributed.records import RankComm
 from minivllm.engine.block_manager import BlockEvents, BlockManager
-from minivllm.engine.scheduler import SchedulerOutput
+from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
+from minivllm.engine.sequence import Sequence
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per request per step: slots make it cheaper to build
 class ChunkRecord:
     request_id: str
     start: int  # first position computed this step
     num_tokens: int
     is_prefill: bool  # part of a prompt (or a recompute), not a single decode token
-    sampled_token: int | None  # the token this step appended, if the chunk reached the end
+    sampled_token: int | None  # the token this step sampled, if the chunk reached the end
+    # speculative decoding: the chunk's draft tokens, of which the first num_accepted were kept;
+    # sampled_token came after them (the bonus token if all were accepted, else the correction)
+    draft_token_ids: tuple[int, ...] = ()
+    num_accepted: int = 0
+
+
+@dataclass(frozen=True)
+class BlockSnapshot:
+    """Who holds which physical KV block after a step: what the Cinema (`minivllm.lab.cinema`) draws.
+
+    Cheap enough to take every step: parallel tuples over the requests that hold blocks, and, of the
+    free blocks, only those freed in this step that kept their cached KV. The free queue's order and
+    which older free blocks still hold cached KV follow from replaying the trace from its first step.
+    """
+
+    num_blocks: int
+    block_size: int
+    request_ids: tuple[str, ...]  # requests holding blocks (the running ones), oldest arrival first
+    num_tokens: tuple[int, ...]  # tokens whose K/V each request has in the cache
+    block_tables: tuple[tuple[int, ...], ...]  # logical block i -> physical block, per request
+    freed_cached: tuple[int, ...]  # blocks freed this step that are still free and still cached
+
+    def ref_counts(self) -> list[int]:
+        """Per physical block, how many block tables point at it (0: free)."""
+        refs = [0] * self.num_blocks
+        for table in self.block_tables:
+            for b in table:
+                refs[b] += 1
+        return refs
+
+
+# Each BlockManager's last snapshot. A table only grows while its request holds it (a preempted or
+# finished request drops out of the running list for at least one step), so a request whose table has
+# the same length as in the last snapshot reuses that tuple: a long run stores each table once per
+# block it gains, not once per step.
+_last_snapshot: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def snapshot_blocks(block_manager: BlockManager, running: list[Sequence], freed: list[int]) -> BlockSnapshot:
+    """The block tables of ``running`` (the requests holding blocks) and which of the blocks ``freed``
+    in this step still hold cached KV."""
+    bm = block_manager
+    last = _last_snapshot.get(bm)
+    last_tables = dict(zip(last.request_ids, last.block_tables)) if last else {}
+    tables = []
+    for seq in running:
+        # an unchanged table shares the previous step's tuple; compare contents, not lengths: a
+        # speculative rollback can shrink a table and regrow it with other blocks in one step
+        table, current = last_tables.get(seq.request_id), tuple(seq.block_table)
+        tables.append(table if table == current else current)
+    snap = _last_snapshot[bm] = BlockSnapshot(
+        num_blocks=bm.num_blocks, block_size=bm.block_size,
+        request_ids=tuple(s.request_id for s in running),
+        num_tokens=tuple(s.num_computed_tokens for s in running),
+        block_tables=tuple(tables),
+        freed_cached=tuple(b for b in dict.fromkeys(freed)  # a block may be freed twice in a step
+                           if bm.blocks[b].ref_count == 0 and bm.blocks[b].block_hash is not None))
+    return snap
 
 
 @dataclass(frozen=True)
@@ -37,6 +98,8 @@ class StepRecord:
     num_cached_free_blocks: int
     num_running: int
     num_waiting: int
+    blocks: BlockSnapshot
+    comm: tuple[RankComm, ...] = ()  # per rank, the collectives of this step (empty in one process)
 
     @property
     def duration(self) -> float:
@@ -54,14 +117,21 @@ class StepRecord:
     def num_decode_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks if not c.is_prefill)
 
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(c.draft_token_ids) for c in self.chunks)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        return sum(c.num_accepted for c in self.chunks)
+
 
 def make_step_record(step: int, start_time: float, end_time: float, out: SchedulerOutput,
                      sampled: dict, finished: list, block_manager: BlockManager,
-                     num_running: int, num_waiting: int) -> StepRecord:
+                     running: list[Sequence], num_waiting: int) -> StepRecord:
+    """The record of one step; ``running`` are the requests holding blocks after it."""
     events: BlockEvents = block_manager.drain_events()
-    chunks = tuple(
-        ChunkRecord(c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled.get(c.seq))
-        for c in out.chunks)
+    chunks = tuple(_chunk_record(c, sampled.get(c.seq)) for c in out.chunks)
     return StepRecord(
         step=step, start_time=start_time, end_time=end_time, chunks=chunks,
         preempted=tuple(s.request_id for s in out.preempted),
@@ -70,4 +140,13 @@ def make_step_record(step: int, start_time: float, end_time: float, out: Schedul
         blocks_cache_hit=tuple(events.cache_hits), blocks_evicted=tuple(events.evicted),
         num_free_blocks=block_manager.num_free_blocks,
         num_cached_free_blocks=block_manager.num_cached_free_blocks,
-        num_running=num_running, num_waiting=num_waiting)
+        num_running=len(running), num_waiting=num_waiting,
+        blocks=snapshot_blocks(block_manager, running, events.freed))
+
+
+def _chunk_record(c: ScheduledChunk, sampled: int | list[int] | None) -> ChunkRecord:
+    """``sampled``: the token the chunk sampled, or the tokens it emitted after verifying drafts."""
+    if isinstance(sampled, list):
+        return ChunkRecord(c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled[-1],
+                           c.draft_token_ids, len(sampled) - 1)
+    return ChunkRecord(c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled)

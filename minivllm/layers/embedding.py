@@ -6,6 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.distributed.parallel_state import tensor_parallel_group
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1):
@@ -26,7 +28,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         mine = (local >= 0) & (local < self.weight.shape[0])
         y = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=tensor_parallel_group())
         return y
 
 
@@ -40,5 +42,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         parts = [torch.empty(hidden.shape[0], self.shard_size, dtype=logits.dtype, device=logits.device)
                  for _ in range(self.tp_size)]
         padded = F.pad(logits, (0, self.shard_size - logits.shape[1]))
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded, group=tensor_parallel_group())
         return torch.cat(parts, dim=-1)[:, :self.num_embeddings]

@@ -1,8 +1,13 @@
-"""The Llama decoder family: Llama, Qwen2 (Llama with a q/k/v bias) and Qwen3 (Llama with
-per-head RMSNorm on q and k). `registry.py` says which architecture gets which variant.
+"""The Llama decoder family: Llama, Qwen2 (Llama with a q/k/v bias), Qwen3 (Llama with per-head
+RMSNorm on q and k) and Qwen3-MoE (Qwen3 with mixture-of-experts MLPs, `moe.py`). `registry.py` says
+which architecture gets which variant.
 
 The forward pass works on a flat batch: every scheduled token of every sequence, concatenated
 (``[tokens, hidden]``), with ``positions`` and the attention metadata saying where each belongs.
+
+Tensor parallel: every linear layer holds its rank's shard (``minivllm/layers``). Pipeline parallel:
+a model built for a stage (``layers``, a range) holds only those decoder layers, the embedding only
+on the first stage and the final norm and LM head only on the last.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.models.moe import SparseMoeBlock
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,14 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int, tp_size: int):
+    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int, tp_size: int, index: int,
+                 expert_parallel: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, variant, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DecoderMLP(cfg, tp_rank, tp_size)
+        self.mlp = (SparseMoeBlock(cfg, tp_rank, tp_size, expert_parallel) if cfg.is_moe_layer(index)
+                    else DecoderMLP(cfg, tp_rank, tp_size))
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -88,17 +96,26 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int, tp_size: int):
+    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int, tp_size: int, layers: range,
+                 expert_parallel: bool):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, variant, tp_rank, tp_size)
-                                    for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.stage = layers
+        self.is_first_stage, self.is_last_stage = layers.start == 0, layers.stop == cfg.num_hidden_layers
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
+                             if self.is_first_stage else None)
+        # other stages' layers are parameter-free placeholders, so that layer i keeps its checkpoint name
+        self.layers = nn.ModuleList(DecoderLayer(cfg, variant, tp_rank, tp_size, i, expert_parallel)
+                                    if i in layers else nn.Identity() for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last_stage else None
 
-    def forward(self, input_ids, positions, meta):
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+    def forward(self, input_ids, positions, meta, intermediate=None):
+        """The final hidden states on the last stage; on an earlier one the ``(hidden, residual)`` pair
+        the next stage continues from (``intermediate``)."""
+        x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        for i in self.stage:
+            x, residual = self.layers[i](positions, x, residual, meta)
+        if not self.is_last_stage:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -108,15 +125,43 @@ class DecoderForCausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int = 0, tp_size: int = 1,
+                 layers: range | None = None, expert_parallel: bool = False):
         super().__init__()
-        self.model = DecoderModel(cfg, variant, tp_rank, tp_size)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
-        if cfg.tie_word_embeddings:
+        self.model = DecoderModel(cfg, variant, tp_rank, tp_size, layers or range(cfg.num_hidden_layers),
+                                  expert_parallel)
+        self.tie_word_embeddings = cfg.tie_word_embeddings
+        self.lm_head = (ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
+                        if self.model.is_last_stage else None)
+        if cfg.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        return self.model(input_ids, positions, meta, intermediate)
+
+    def weight_name(self, checkpoint_name: str) -> str | None:
+        """The parameter a checkpoint tensor loads into, or None when it belongs to another pipeline
+        stage, or to an expert on another rank. A last stage without the embedding loads a tied LM
+        head from the embedding's tensor."""
+        m = self.model
+        if checkpoint_name.startswith("model.layers."):
+            index = int(checkpoint_name.split(".")[2])
+            if index not in m.stage:
+                return None
+            if ".mlp.experts." in checkpoint_name:
+                expert = int(checkpoint_name.split(".mlp.experts.")[1].split(".")[0])
+                return checkpoint_name if expert in m.layers[index].mlp.local_experts else None
+            return checkpoint_name
+        if checkpoint_name.startswith("model.embed_tokens."):
+            if m.embed_tokens is not None:
+                return checkpoint_name
+            return "lm_head.weight" if self.tie_word_embeddings and self.lm_head is not None else None
+        if checkpoint_name.startswith("model.norm."):
+            return checkpoint_name if m.norm is not None else None
+        if checkpoint_name.startswith("lm_head."):
+            return checkpoint_name if self.lm_head is not None and not self.tie_word_embeddings else None
+        return checkpoint_name
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

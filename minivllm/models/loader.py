@@ -29,19 +29,22 @@ def resolve_model_folder(model: str) -> str:
 
 def load_weights(model: nn.Module, folder: str) -> None:
     """Copy every checkpoint tensor into its parameter (fused and sharded through each layer's
-    ``weight_loader``) and fail if any parameter was left unset."""
+    ``weight_loader``) and fail if any parameter was left unset. A model built for one pipeline stage
+    names, through ``weight_name``, the tensors it owns; the others are never read."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"model={folder!r}: no *.safetensors weights in this folder")
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
+    weight_name = getattr(model, "weight_name", lambda name: name)
     loaded: set[str] = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
+                own = weight_name(name)
+                if "rotary_emb.inv_freq" in name or own is None:
                     continue
-                target, shard = _target(name, packed)
+                target, shard = _target(own, packed)
                 if target not in params:
                     if name == "lm_head.weight":  # tied checkpoints may still store it
                         continue

@@ -8,12 +8,14 @@ ARCHITECTURES: dict[str, Variant] = {
     "LlamaForCausalLM": Variant(),
     "Qwen2ForCausalLM": Variant(qkv_bias=True),
     "Qwen3ForCausalLM": Variant(qk_norm=True),
+    "Qwen3MoeForCausalLM": Variant(qk_norm=True),  # its MoE layers follow from ModelConfig.num_experts
 }
 
 
-def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1) -> DecoderForCausalLM:
+def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1,
+                layers: range | None = None, expert_parallel: bool = False) -> DecoderForCausalLM:
     variant = ARCHITECTURES.get(cfg.architecture)
     if variant is None:
         raise ValueError(f"architectures=[{cfg.architecture!r}] is not supported; "
                          f"supported: {sorted(ARCHITECTURES)}")
-    return DecoderForCausalLM(cfg, variant, tp_rank, tp_size)
+    return DecoderForCausalLM(cfg, variant, tp_rank, tp_size, layers, expert_parallel)

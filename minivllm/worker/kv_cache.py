@@ -6,26 +6,33 @@ import logging
 import torch
 
 from minivllm.config import EngineConfig, ModelConfig
+from minivllm.distributed.layout import RankLayout
 
 logger = logging.getLogger("minivllm")
 
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30  # cap when kv_cache_memory is not given on the CPU
 
 
-def bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """K and V, every layer, ``block_size`` tokens, this rank's KV heads."""
+def bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1,
+                    num_layers: int | None = None) -> int:
+    """K and V, every layer (of this pipeline stage: ``num_layers``), ``block_size`` tokens, this
+    rank's KV heads."""
     kv_heads = mc.num_key_value_heads // tp_size
-    return 2 * mc.num_hidden_layers * block_size * kv_heads * mc.head_dim * dtype.itemsize
+    layers = mc.num_hidden_layers if num_layers is None else num_layers
+    return 2 * layers * block_size * kv_heads * mc.head_dim * dtype.itemsize
 
 
 def choose_num_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int, dtype: torch.dtype,
-                      device: torch.device, peak_forward_bytes: int | None = None) -> int:
+                      device: torch.device, peak_forward_bytes: int | None = None,
+                      layout: RankLayout = RankLayout()) -> int:
     """``num_kv_blocks`` if given; on CUDA what ``gpu_memory_utilization`` leaves after the weights and
     a profiled forward pass (``peak_forward_bytes``); on the CPU ``kv_cache_memory`` bytes (default:
-    enough for ``max_num_seqs`` requests at ``max_model_len``, at most 4 GiB)."""
+    enough for ``max_num_seqs`` requests at ``max_model_len``, at most 4 GiB). Budgets are per rank: a
+    rank holds only its KV heads (tensor parallel) of its layers (pipeline parallel)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    per_block = bytes_per_block(mc, cfg.block_size, dtype)
+    per_block = bytes_per_block(mc, cfg.block_size, dtype, layout.tp_size,
+                                len(layout.stage_layers(mc.num_hidden_layers)))
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
         budget = int(total * cfg.gpu_memory_utilization) - (peak_forward_bytes or 0)
@@ -43,7 +50,9 @@ def choose_num_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int, dt
 
 
 def allocate_kv_cache(mc: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    """``[2 (K, V), layers, slots, kv_heads, head_dim]``, zeroed so that padding reads stay finite."""
-    return torch.zeros(2, mc.num_hidden_layers, num_blocks * block_size, mc.num_key_value_heads,
+                      device: torch.device, layout: RankLayout = RankLayout()) -> torch.Tensor:
+    """``[2 (K, V), layers, slots, kv_heads, head_dim]`` for this rank's layers and KV heads, zeroed so
+    that padding reads stay finite."""
+    layers = len(layout.stage_layers(mc.num_hidden_layers))
+    return torch.zeros(2, layers, num_blocks * block_size, mc.num_key_value_heads // layout.tp_size,
                        mc.head_dim, dtype=dtype, device=device)

@@ -9,12 +9,15 @@ from minivllm.config import EngineConfig, ModelConfig, resolve_dtype
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.engine.sequence import Sequence
-from minivllm.layers.attention import Attention, AttentionMetadata, build_attention_group
+from minivllm.distributed.comm import smallest_across_ranks
+from minivllm.distributed.layout import RankLayout
+from minivllm.layers.attention import Attention, AttentionMetadata, build_attention_group, build_paged_batch
 from minivllm.models.loader import load_weights
 from minivllm.models.registry import build_model
 from minivllm.sampling_params import SamplingParams
 from minivllm.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from minivllm.worker.sampler import Sampler
+from minivllm.worker.step_batch import StepBatch, flatten_chunks
 
 
 @dataclass
@@ -45,24 +48,35 @@ def split_by_context_length(entries: list[tuple], min_group: int = 8, max_paddin
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int):
-        self.cfg, self.mc = cfg, mc
+    """The model, its KV cache and the sampler of one rank (the whole model when ``layout`` is the
+    default single rank). In tensor parallel every rank runs the same batch on its shard; in pipeline
+    parallel a rank holds its stage's layers, and `minivllm.distributed.worker` passes the hidden
+    states between stages."""
+
+    last_comm: tuple = ()  # the step's collectives, per rank: none in one process (see minivllm.distributed)
+
+    def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int,
+                 layout: RankLayout = RankLayout()):
+        self.cfg, self.mc, self.layout = cfg, mc, layout
         self.device = cfg.torch_device
         self.dtype = resolve_dtype(cfg.dtype, mc.torch_dtype, self.device)
         self.block_size = cfg.block_size
+        self.attention_backend = cfg.resolved_attention_backend
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = build_model(mc)
+                self.model = build_model(mc, layout.tp_rank, layout.tp_size, layout.stage_layers(mc.num_hidden_layers),
+                                         layout.expert_parallel)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, folder)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         peak = self._profile_peak_memory(max_model_len) if self.device.type == "cuda" else None
-        self.num_blocks = choose_num_blocks(cfg, mc, max_model_len, self.dtype, self.device, peak)
-        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.num_blocks = smallest_across_ranks(
+            choose_num_blocks(cfg, mc, max_model_len, self.dtype, self.device, peak, layout), self.device)
+        self.kv_cache = allocate_kv_cache(mc, self.num_blocks, self.block_size, self.dtype, self.device, layout)
         self._bind_cache(self.kv_cache)
         self.sampler = Sampler()
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
@@ -77,54 +91,70 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         """Run the scheduled chunks; return the token sampled for each chunk that completes its
         sequence's known tokens (a decode, or the last chunk of a prompt)."""
-        inp = self.prepare_input(out.chunks)
-        hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata)
-        sampling = [c.seq for c in out.chunks if c.samples]
-        if not sampling:
-            return {}
-        logits = self.model.compute_logits(hidden[inp.logits_rows])
-        params = [s.sampling_params for s in sampling]
-        gens = [self._generator_for(s) for s in sampling]
-        tokens = self.sampler(logits, params, gens, self.generator)
-        return dict(zip(sampling, tokens))
+        tokens = self.execute_batch(flatten_chunks(out.chunks, self.block_size))
+        return dict(zip([c.seq for c in out.chunks if c.samples], tokens))
+
+    @torch.inference_mode()
+    def execute_batch(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Run one flat batch; the sampled tokens in ``batch.sampling`` order, or None on a rank
+        that does not sample (tensor-parallel ranks other than 0 still join the LM head's gather).
+        A pipeline stage before the last returns what `run_model` does."""
+        logits = self.run_model(batch, intermediate)
+        if not self.layout.is_last_stage:
+            return logits
+        if logits is None:
+            return []
+        if not self.layout.samples:
+            return None
+        gens = [self._generator_for(rid, params) for rid, params in batch.sampling]
+        return self.sampler(logits, [params for _, params in batch.sampling], gens, self.generator)
+
+    @torch.inference_mode()
+    def run_model(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Run one flat batch (writing its K/V); the logits at ``batch.logits_rows``, None if none.
+        On a pipeline stage before the last: the ``(hidden, residual)`` pair the next stage continues
+        from, which it passes in as ``intermediate``."""
+        inp = self.build_input(batch)
+        hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate)
+        if not self.layout.is_last_stage:
+            return hidden
+        return self.model.compute_logits(hidden[inp.logits_rows]) if batch.logits_rows else None
 
     def prepare_input(self, chunks: list[ScheduledChunk]) -> ModelInput:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
-        decodes, prefills = [], []  # (first row, query length, context length, block table)
-        for c in chunks:
-            seq, start, end = c.seq, c.start, c.start + c.num_new_tokens
-            row = len(input_ids)
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            if c.samples:
-                logits_rows.append(len(input_ids) - 1)
-            (decodes if c.num_new_tokens == 1 else prefills).append((row, c.num_new_tokens, end, table))
-        dev = self.device
-        groups = split_by_context_length(decodes) + ([prefills] if prefills else [])
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
-            groups=[build_attention_group(*zip(*g), block_size=bs, device=dev) for g in groups])
-        return ModelInput(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta,
-                          torch.tensor(logits_rows, device=dev, dtype=torch.long))
+        return self.build_input(flatten_chunks(chunks, self.block_size))
+
+    def build_input(self, batch: StepBatch) -> ModelInput:
+        bs, dev = self.block_size, self.device
+        decodes, prefills = batch.decodes, batch.prefills
+        slot_mapping = torch.tensor(batch.slot_mapping, device=dev)
+        if self.attention_backend == "triton":
+            decode_batch, prefill_batch = (build_paged_batch(*zip(*e), block_size=bs, device=dev) if e else None
+                                           for e in (decodes, prefills))
+            meta = AttentionMetadata(slot_mapping, decodes=decode_batch, prefills=prefill_batch, backend="triton")
+        else:
+            groups = split_by_context_length(decodes) + ([prefills] if prefills else [])
+            meta = AttentionMetadata(
+                slot_mapping, groups=[build_attention_group(*zip(*g), block_size=bs, device=dev) for g in groups])
+        return ModelInput(torch.tensor(batch.input_ids, device=dev), torch.tensor(batch.positions, device=dev),
+                          meta, torch.tensor(batch.logits_rows, device=dev, dtype=torch.long))
 
     # ---- per-request state -------------------------------------------------------------------
-    def _generator_for(self, seq: Sequence) -> torch.Generator | None:
-        seed = seq.sampling_params.seed
-        if seed is None or seq.sampling_params.greedy:
+    def _generator_for(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
             return None
-        gen = self.request_generators.get(seq.request_id)
+        gen = self.request_generators.get(request_id)
         if gen is None:
-            gen = self.request_generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
+            gen = self.request_generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
         return gen
 
     def release(self, request_id: str) -> None:
         self.request_generators.pop(request_id, None)
+
+    def close(self) -> None:
+        """Drop the weights and the KV cache now rather than when the engine is collected."""
+        for layer in self.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        self.kv_cache = self.model = None
 
     # ---- CUDA memory profiling ---------------------------------------------------------------
     @torch.inference_mode()
@@ -136,11 +166,17 @@ class ModelRunner:
         bm = BlockManager(blocks, self.block_size, enable_prefix_caching=False)
         seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
         bm.append_slots(seq, n)
-        self._bind_cache(allocate_kv_cache(self.mc, blocks, self.block_size, self.dtype, self.device))
+        self._bind_cache(allocate_kv_cache(self.mc, blocks, self.block_size, self.dtype, self.device, self.layout))
         torch.cuda.reset_peak_memory_stats(self.device)
         inp = self.prepare_input([ScheduledChunk(seq, 0, n)])
-        hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata)
-        self.model.compute_logits(hidden[:min(self.cfg.max_num_seqs, n)])  # a full batch of logits
+        if self.layout.is_first_stage:
+            intermediate = None
+        else:  # a later pipeline stage starts from the previous stage's hidden states
+            intermediate = tuple(torch.zeros(n, self.mc.hidden_size, dtype=self.dtype, device=self.device)
+                                 for _ in range(2))
+        hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate)
+        if self.layout.is_last_stage:
+            self.model.compute_logits(hidden[:min(self.cfg.max_num_seqs, n)])  # a full batch of logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for layer in self.attention_layers:  # drop the throwaway cache before the real one is made

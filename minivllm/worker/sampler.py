@@ -37,9 +37,20 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], default_generator: torch.Generator) -> list[int]:
         logits = logits.float()
-        greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return greedy_tokens.tolist()
+            return logits.argmax(dim=-1).tolist()
+        probs = self.probs(logits, params)  # greedy rows are one-hot: the race below picks the argmax
+        noise = torch.empty_like(probs).exponential_(generator=default_generator)
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                noise[i].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1).tolist()
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's sampling distribution under its params (temperature, then the filters), in
+        float32; a greedy row is one-hot on its argmax. Speculative decoding verifies against these."""
+        logits = logits.float()
         dev = logits.device
         temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
         logits = logits / temperature[:, None]
@@ -51,10 +62,8 @@ class Sampler:
                 torch.tensor([p.top_p for p in params], device=dev),
                 torch.tensor([p.min_p for p in params], device=dev))
         probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=default_generator)
-        for i, gen in enumerate(generators):
-            if gen is not None:
-                noise[i].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-        return torch.where(is_greedy, greedy_tokens, sampled).tolist()
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        if greedy.any():
+            argmax = torch.nn.functional.one_hot(logits[greedy].argmax(dim=-1), logits.shape[-1])
+            probs[greedy] = argmax.to(probs.dtype)
+        return probs

@@ -1,0 +1,75 @@
+"""Data parallel: ``data_parallel_size`` independent engine replicas behind a request router.
+
+Each replica is a whole `LLMEngine` (its own scheduler, block manager, KV cache and worker processes,
+``tensor_parallel_size x pipeline_parallel_size`` of them); replicas never talk to each other. The
+router sends each new request to the replica with the fewest outstanding tokens, and every step runs
+all busy replicas at once (threads that wait on their workers, so the GIL is not in the way).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from minivllm.config import EngineConfig
+from minivllm.engine.llm_engine import LLMEngine, PromptType
+from minivllm.engine.sequence import Sequence
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+
+def outstanding_tokens(seq: Sequence) -> int:
+    """Tokens the request still needs computed: its KV backlog plus the outputs it may still make."""
+    return seq.num_tokens - seq.num_computed_tokens + seq.sampling_params.max_tokens - seq.num_output_tokens
+
+
+class DataParallelEngine:
+    """The `LLMEngine` interface `LLM` uses, over several replicas."""
+
+    def __init__(self, config: EngineConfig):
+        self._pool = ThreadPoolExecutor(config.data_parallel_size, thread_name_prefix="minivllm-dp")
+        self.replicas: list[LLMEngine] = []
+        try:
+            for dp_rank in range(config.data_parallel_size):
+                self.replicas.append(LLMEngine(config, dp_rank))
+        except BaseException:
+            self.close()
+            raise
+        first = self.replicas[0]
+        self.config, self.model_config, self.tokenizer = config, first.model_config, first.tokenizer
+        self.owner: dict[str, LLMEngine] = {}  # request id -> the replica serving it
+
+    def make_sequence(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Sequence:
+        if request_id in self.owner:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        return self.replicas[0].make_sequence(request_id, prompt, params)  # replicas are identical
+
+    def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None) -> None:
+        self.add_sequence(self.make_sequence(str(request_id), prompt, sampling_params or SamplingParams()))
+
+    def add_sequence(self, seq: Sequence) -> None:
+        target = min(self.replicas, key=lambda r: sum(outstanding_tokens(s) for s in r.requests.values()))
+        self.owner[seq.request_id] = target
+        target.add_sequence(seq)
+
+    def step(self) -> list[RequestOutput]:
+        busy = [r for r in self.replicas if r.has_unfinished_requests()]
+        finished = [out for outs in self._pool.map(LLMEngine.step, busy) for out in outs]
+        for out in finished:
+            self.owner.pop(out.request_id, None)
+        return finished
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        outputs = []
+        for rid in ids:
+            replica = self.owner.pop(rid, None)
+            if replica is not None:
+                outputs += replica.abort_request(rid)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return any(r.has_unfinished_requests() for r in self.replicas)
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()
+        self._pool.shutdown()

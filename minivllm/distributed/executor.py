@@ -1,0 +1,161 @@
+"""The driver's side of the worker processes: one `MultiprocExecutor` per engine replica.
+
+The scheduler and block manager stay in the driver. Each step the driver flattens the scheduled
+chunks into `StepBatch` es (one, or with pipeline stages up to one micro-batch per stage), sends them
+to every rank, and waits for all of them: the sampling rank's tokens, every rank's collective counts. A rank that dies or raises ends the engine with an error
+naming it, instead of leaving the driver waiting on a collective that will never finish.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+import weakref
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+
+from minivllm.config import EngineConfig, ModelConfig
+from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.scheduler import SchedulerOutput
+from minivllm.engine.sequence import Sequence
+from minivllm.distributed.layout import check_parallel_sizes, replica_layouts
+from minivllm.distributed.pipeline import split_micro_batches
+from minivllm.distributed.records import RankComm
+from minivllm.distributed.worker import run_worker
+from minivllm.worker.step_batch import flatten_chunks
+
+SHUTDOWN_GRACE_S = 5.0  # how long closing waits for workers to leave on their own
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or raised; the engine that owned it is closed."""
+
+
+def make_executor(cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0):
+    """The model in this process when nothing is split, else one worker process per rank. Sizes are
+    checked against the model first, so a bad one raises ValueError before any process starts."""
+    check_parallel_sizes(cfg, mc)
+    if cfg.world_size == 1:
+        from minivllm.worker.model_runner import ModelRunner
+        return ModelRunner(cfg, mc, folder, max_model_len)
+    return MultiprocExecutor(cfg, mc, folder, max_model_len, dp_rank)
+
+
+class MultiprocExecutor:
+    """Runs one replica's ranks (tensor x pipeline) in spawned processes; same interface as
+    `ModelRunner` for the engine: ``num_blocks``, ``execute``, ``release``, ``close``."""
+
+    def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0):
+        self.block_size, self.pp_size = cfg.block_size, cfg.pipeline_parallel_size
+        self.layouts = replica_layouts(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                                       cfg.enable_expert_parallel)
+        self.sampling_rank = next(lay.rank for lay in self.layouts if lay.samples)
+        self.last_comm: tuple[RankComm, ...] = ()
+        self._released: list[str] = []
+        self._closed_because: str | None = None
+        # workers need no block manager; a learner's class defined in a notebook could not be pickled
+        worker_cfg = replace(cfg, block_manager_class=BlockManager)
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        first_device = dp_rank * len(self.layouts)
+        self.processes: list[mp.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+        for lay in self.layouts:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=run_worker, daemon=True, name=f"minivllm-dp{dp_rank}-rank{lay.rank}",
+                               args=(lay, worker_cfg, mc, folder, max_model_len, init_method,
+                                     first_device + lay.rank, child))
+            proc.start()
+            child.close()
+            self.processes.append(proc)
+            self.conns.append(parent)
+        self._finalizer = weakref.finalize(self, shutdown_workers, self.processes, self.conns)
+        self._starting = True
+        self.num_blocks = min(reply[1] for reply in self._gather())
+        self._starting = False
+
+    def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
+        parts = split_micro_batches(out.chunks, self.pp_size)
+        released, self._released = self._released, []
+        self._send_all(("step", [flatten_chunks(p, self.block_size) for p in parts], released))
+        replies = self._gather()
+        self.last_comm = tuple(RankComm(lay.rank, lay.tp_rank, lay.pp_rank, reply[2])
+                               for lay, reply in zip(self.layouts, replies))
+        tokens = replies[self.sampling_rank][1]
+        return dict(zip([c.seq for p in parts for c in p if c.samples], tokens))
+
+    def release(self, request_id: str) -> None:
+        self._released.append(request_id)  # travels with the next step
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # ---- talking to the workers --------------------------------------------------------------
+    def _send_all(self, msg: tuple) -> None:
+        if self._closed_because is not None:
+            raise WorkerError(f"the engine's workers are shut down: {self._closed_because}")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, ConnectionResetError):
+                self._fail(rank, None)
+
+    def _gather(self) -> list[tuple]:
+        """One reply from every rank, in rank order; a dead or failed rank raises `WorkerError`."""
+        replies: list[tuple | None] = [None] * len(self.conns)
+        pending = dict(zip(self.conns, range(len(self.conns))))
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.processes)}
+        while pending:
+            ready = wait(list(pending) + list(sentinels))
+            for obj in ready:  # replies first: a worker that raised also exits
+                if obj in pending:
+                    rank = pending.pop(obj)
+                    try:
+                        msg = obj.recv()
+                    except EOFError:
+                        self._fail(rank, None)
+                    if msg[0] == "error":
+                        self._fail(rank, msg[1])
+                    replies[rank] = msg
+            for obj in ready:
+                if obj in sentinels and sentinels[obj] in pending.values():
+                    self._fail(sentinels[obj], None)
+        return replies
+
+    def _fail(self, rank: int, remote_traceback: str | None):
+        proc = self.processes[rank]
+        proc.join(0.5)
+        if remote_traceback is not None:
+            what = f"worker rank {rank} (pid {proc.pid}) raised:\n{remote_traceback}"
+        else:
+            what = f"worker rank {rank} (pid {proc.pid}) died (exit code {proc.exitcode})"
+            if self._starting:  # the usual cause: spawn re-imports the main script, which makes an LLM again
+                what += (" while starting (its error is on stderr); a script that makes an LLM with worker "
+                         "processes must do so under `if __name__ == '__main__':`")
+        self._closed_because = what.splitlines()[0]
+        self.close()
+        raise WorkerError(f"{what}; the engine has shut its other workers down, make a new LLM to continue")
+
+
+def shutdown_workers(processes: list, conns: list[Connection]) -> None:
+    """Ask every worker to leave, then end those that do not (one stuck in a collective with a dead
+    peer never reads the request)."""
+    for conn in conns:
+        try:
+            conn.send(("close",))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    for conn in conns:
+        conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

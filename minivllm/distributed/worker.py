@@ -1,0 +1,82 @@
+"""The loop every rank's process runs: join the process group, load this rank's shard, then run
+whatever batch the driver sends until it says close (or goes away).
+
+Messages from the driver: ``("step", [StepBatch per micro-batch], released request ids)`` and
+``("close",)``. Without pipeline parallel a step is one micro-batch.
+Replies: ``("ready", num_blocks)`` once, then ``("step", tokens or None, collective counts)`` per step,
+or ``("error", traceback)`` before the process exits on an exception.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from minivllm.config import EngineConfig, ModelConfig
+from minivllm.distributed.comm import as_records, count_collectives
+from minivllm.distributed.layout import RankLayout
+from minivllm.distributed.parallel_state import init_tensor_parallel_groups
+from minivllm.distributed.pipeline import StageLink
+from minivllm.worker.step_batch import StepBatch
+
+if TYPE_CHECKING:
+    from minivllm.worker.model_runner import ModelRunner
+
+
+def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int,
+               init_method: str, device_index: int, conn: Connection) -> None:
+    from minivllm.worker.model_runner import ModelRunner  # the heavy imports only in worker processes
+
+    torch.set_num_threads(1)  # ranks share the machine's cores; one thread each avoids oversubscription
+    try:
+        if cfg.torch_device.type == "cuda":
+            torch.cuda.set_device(device_index)
+            # this process's share is one device; its place in the grid is `layout`
+            cfg = replace(cfg, device=f"cuda:{device_index}", tensor_parallel_size=1, pipeline_parallel_size=1,
+                          data_parallel_size=1)
+        dist.init_process_group(cfg.resolved_distributed_backend, init_method=init_method,
+                                rank=layout.rank, world_size=layout.world_size)
+        init_tensor_parallel_groups(layout.tp_size, layout.pp_size, layout.pp_rank)
+        runner = ModelRunner(cfg, mc, folder, max_model_len, layout)
+        link = StageLink(layout)
+        conn.send(("ready", runner.num_blocks))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "close":
+                break
+            _, micro_batches, released = msg
+            for request_id in released:
+                runner.release(request_id)
+            with count_collectives() as counts:
+                tokens = run_stage(runner, link, micro_batches)
+            conn.send(("step", tokens, as_records(counts)))
+    except EOFError:  # the driver is gone: nothing left to serve
+        pass
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatch]) -> list[int] | None:
+    """This rank's part of one step: each micro-batch in turn, taking its input from the previous
+    stage and handing its output to the next. The sampling rank returns the tokens of all of them."""
+    layout = runner.layout
+    tokens: list[int] | None = [] if layout.samples else None
+    for batch in micro_batches:
+        intermediate = None
+        if not layout.is_first_stage:
+            intermediate = link.receive(batch.num_tokens, runner.mc.hidden_size, runner.dtype, runner.device)
+        result = runner.execute_batch(batch, intermediate)
+        if not layout.is_last_stage:
+            link.send(result)
+        elif tokens is not None:
+            tokens += result
+    link.flush()
+    return tokens

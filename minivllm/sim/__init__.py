@@ -1,0 +1,22 @@
+"""The simulator: the real Scheduler and BlockManager in virtual time, a roofline cost model of a
+named GPU (or of this CPU) instead of a model runner. No torch, except in `measure_this_cpu`.
+
+    from minivllm.sim import SimConfig, Simulator, get_hardware, get_model, preset, compute_metrics
+    sim = Simulator(SimConfig(get_model("Llama-3.1-8B"), get_hardware("H100-SXM")))
+    result = sim.run(preset("balanced", 1000, request_rate=10).generate())
+    print(compute_metrics(result.trace, result.arrival_times).table())
+"""
+from minivllm.sim.cost_model import CostModel
+from minivllm.sim.hardware import HARDWARE, Hardware, get_hardware, measure_this_cpu
+from minivllm.sim.metrics import (SLO, LatencyStats, Metrics, RequestTimeline, Timeline, compute_metrics,
+                                  request_timelines, step_timeline)
+from minivllm.sim.model_specs import MODELS, ModelSpec, get_model
+from minivllm.sim.planner import Communication, LayoutPlan, ParallelLayout, plan_layout
+from minivllm.sim.simulator import SimConfig, SimResult, Simulator
+from minivllm.sim.workload import PRESETS, Lengths, Request, Workload, preset
+
+__all__ = ["CostModel", "HARDWARE", "Hardware", "get_hardware", "measure_this_cpu", "SLO", "LatencyStats",
+           "Metrics", "RequestTimeline", "Timeline", "compute_metrics", "request_timelines", "step_timeline",
+           "MODELS", "ModelSpec", "get_model", "Communication", "LayoutPlan", "ParallelLayout",
+           "plan_layout", "SimConfig", "SimResult", "Simulator", "PRESETS", "Lengths",
+           "Request", "Workload", "preset"]

@@ -1,0 +1,337 @@
+"""Plan a multi-GPU deployment on paper: weights and KV cache per GPU, the KV tokens that fit, the
+communication of each kind of parallelism and its time on the GPUs' link, the pipeline bubble, and a
+verdict. Pure arithmetic on a `ModelSpec` and a `Hardware` (no torch).
+
+    from minivllm.sim import ParallelLayout, get_hardware, get_model, plan_layout
+    p = plan_layout(get_model("Llama-3.1-70B"), get_hardware("H100-SXM"), ParallelLayout(tp=2))
+    print(p.verdict)
+
+The layout uses vLLM's sizes; the model runs on ``tp * pp * dp * cp`` GPUs:
+
+* ``tp`` tensor parallel (Megatron): q, o, the MLP and the experts are split ``tp`` ways, k and v by
+  KV head (``K / tp`` heads per GPU; when ``tp > K`` every GPU keeps one KV head, replicated
+  ``tp / K`` times, as vLLM does); the embedding and LM head are split by vocabulary (rounded up, as
+  padded shards are); norms and routers are whole on every GPU.
+* ``pp`` pipeline parallel: contiguous layer ranges, ``L // pp`` each; the ``L % pp`` extra layers go
+  one each to the stages before the last, from the second-to-last backwards (vLLM's `get_pp_indices`),
+  sparing the last stage, which holds the LM head. The first stage holds the embedding; an LM head
+  tied to it is a second copy when it sits on another stage.
+* ``dp`` data parallel: whole replicas, no communication between them during inference.
+* ``ep`` expert parallel: the routed experts of a MoE layer are spread whole over ``ep`` of the
+  ``tp * dp`` GPUs of a stage (``E / ep`` each, replicated ``tp * dp / ep`` times); vLLM's
+  ``enable_expert_parallel`` is ``ep = tp * dp``. Shared experts stay split ``tp`` ways.
+* ``cp`` context parallel: a sequence's tokens are spread over ``cp`` GPUs, each holding the KV of its
+  own tokens (ring attention; the engine does not run it).
+
+Memory per GPU of stage ``s`` (``b`` bytes per element): weights ``b * (its share of each part)``;
+KV bytes per token ``2 * L_s * K_gpu * h * b`` for the tokens it owns. KV tokens of one replica:
+``cp * min_s floor((memory * utilisation - weights_s) / kv_s)`` (every GPU of a replica must hold its
+part of each token, as vLLM takes the smallest cache over its workers).
+
+Communication of one GPU of stage ``s`` in a step of ``T`` tokens (``S`` of them sampled) run as
+``m`` micro-batches, ``t = T / cp / m`` tokens of a micro-batch on this GPU. The *payload* is the
+tensor handed to one collective call (what an engine's trace counts); the *wire* bytes are what this
+GPU sends over its link for it. Calls per step are ``m`` times the calls per micro-batch:
+
+    parallelism, op  calls per micro-batch    payload per call               wire per call
+    tp all_reduce    2 * L_s (+1 embedding    t * d * b                      payload * 2 (tp-1) / tp  (ring)
+                     on the first stage)
+    tp all_gather    1 (last stage: logits)   S / cp / m * ceil(V / tp) * b  payload * (tp-1)         (ring)
+    pp send          2 (all but the last)     t * d * b                      payload                  (point to point)
+    ep all_to_all    2 * MoE layers of L_s    t / tp * k * d * b             payload * (ep-1) / ep    (uniform)
+    cp send          (cp-1) * L_s             t * 2 * K_gpu * h * b          payload                  (ring pass-KV)
+
+``op`` is named as `minivllm.distributed.records.CollectiveCount.op` names the engine's measured
+collectives, whose bytes are payloads too.
+
+Tensor parallel does two all-reduces per layer (after the attention's o projection and after the
+MLP), each of the step's hidden states; EP's dispatch and combine move each token's hidden state to
+its top-k experts and back; with ``tp > 1`` a TP group's ranks hold the same tokens, so each
+dispatches a ``1 / tp`` share. A pipeline stage sends each micro-batch's hidden states and residual
+to the next (two tensors, as vLLM and minivllm do). Time = wire bytes / one direction of the link (half the
+datasheet's ``interconnect_bandwidth``, which counts both directions; a ring sends and receives at
+once); latency per call is left out. `LayoutPlan.stage_communication` holds every stage's numbers,
+`LayoutPlan.communication` those of the stage whose GPU communicates longest.
+
+Compute per token is the GPU's share (``1 / (tp * pp * cp)``) of the FLOPs the cost model gives a
+token at ``context_len``, at the GPU's peak rate: the least time the GPU spends on a token, reached
+at full load (prefill, big batches). A layout is communication-bound when its communication per
+token takes longer: tensor parallel's all-reduces sit between the matmuls and cannot hide behind
+them. This is why vLLM advises pipeline over tensor parallelism without NVLink: per token TP sends
+about ``4 L (tp-1) / tp`` hidden-size vectors, PP two per stage boundary.
+
+Pipeline bubble with ``m`` micro-batches flushed together (GPipe): ``(pp - 1) / (m + pp - 1)`` of each
+stage's time is idle; the default ``m = pp`` is the number of batches vLLM keeps in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from minivllm.sim.cost_model import CostModel
+from minivllm.sim.hardware import DTYPE_BYTES, Hardware
+from minivllm.sim.model_specs import ModelSpec
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How many GPUs share each dimension of the work (vLLM's sizes, see the module)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ParallelLayout.{f.name}={value!r} must be an int >= 1")
+        if (self.tp * self.dp) % self.ep:
+            raise ValueError(f"ParallelLayout.ep={self.ep} must divide tp * dp = {self.tp * self.dp}, the GPUs "
+                             "of a pipeline stage that share the experts")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    def __str__(self) -> str:
+        return " x ".join(f"{f.name.upper()}={getattr(self, f.name)}" for f in fields(self)
+                          if getattr(self, f.name) > 1) or "1 GPU"
+
+
+@dataclass(frozen=True)
+class Communication:
+    """One kind of collective as one GPU sees it in a step of ``step_tokens`` tokens (see the module)."""
+
+    parallelism: str  # tp, pp, ep, cp
+    op: str  # all_reduce, all_gather, send, all_to_all
+    calls_per_step: int
+    payload_bytes_per_call: float  # the tensor handed to one call
+    wire_bytes_per_call: float  # what this GPU sends over its link for one call
+    step_tokens: int
+    link_bandwidth: float  # bytes/s in one direction
+
+    @property
+    def payload_bytes_per_step(self) -> float:
+        return self.calls_per_step * self.payload_bytes_per_call
+
+    @property
+    def wire_bytes_per_step(self) -> float:
+        return self.calls_per_step * self.wire_bytes_per_call
+
+    @property
+    def wire_bytes_per_token(self) -> float:
+        return self.wire_bytes_per_step / self.step_tokens
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.wire_bytes_per_step / self.link_bandwidth
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.wire_bytes_per_token / self.link_bandwidth
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """What `plan_layout` found; per-stage tuples are indexed by pipeline stage, per GPU of that stage."""
+
+    model: ModelSpec
+    hardware: Hardware
+    layout: ParallelLayout
+    dtype: str
+    context_len: int
+    gpu_memory_utilization: float
+    step_tokens: int
+    micro_batches: int
+    stage_layers: tuple[int, ...]
+    stage_weight_bytes: tuple[int, ...]
+    stage_kv_bytes_per_token: tuple[int, ...]
+    kv_tokens: int  # tokens of KV cache one replica holds (0 if the weights do not fit)
+    stage_communication: tuple[tuple[Communication, ...], ...]
+    compute_seconds_per_token: float
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.hardware.memory_bytes * self.gpu_memory_utilization
+
+    @property
+    def weight_bytes_per_gpu(self) -> int:
+        return max(self.stage_weight_bytes)
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> int:
+        return max(self.stage_kv_bytes_per_token)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests of ``context_len`` tokens the whole layout holds at once (all ``dp`` replicas)."""
+        return self.layout.dp * (self.kv_tokens // self.context_len)
+
+    @property
+    def bubble_fraction(self) -> float:
+        p, m = self.layout.pp, self.micro_batches
+        return (p - 1) / (m + p - 1)
+
+    @property
+    def communication(self) -> tuple[Communication, ...]:
+        """The communication of the stage whose GPU communicates longest."""
+        return max(self.stage_communication, key=lambda comms: sum(c.seconds_per_token for c in comms))
+
+    @property
+    def communication_seconds_per_token(self) -> float:
+        return sum(c.seconds_per_token for c in self.communication)
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_tokens >= self.context_len
+
+    @property
+    def communication_bound(self) -> bool:
+        return self.communication_seconds_per_token > self.compute_seconds_per_token
+
+    @property
+    def verdict(self) -> str:
+        where = f"{self.model.name} ({self.dtype}) on {self.layout.num_gpus} x {self.hardware.name}"
+        where += f" ({self.layout})" if self.layout.num_gpus > 1 else ""
+        if self.weight_bytes_per_gpu >= self.usable_bytes:
+            heaviest = self.stage_weight_bytes.index(self.weight_bytes_per_gpu)
+            stage = f" on pipeline stage {heaviest}" if self.layout.pp > 1 else ""
+            return (f"{where}: does not fit: {self.weight_bytes_per_gpu / GB:.1f} GB of weights per GPU{stage}, "
+                    f"over the {self.usable_bytes / GB:.1f} GB usable at gpu_memory_utilization="
+                    f"{self.gpu_memory_utilization}; use more GPUs (TP, PP or EP), or a smaller dtype")
+        if not self.fits:
+            return (f"{where}: does not fit: room for {self.kv_tokens} tokens of KV cache, fewer than one "
+                    f"request of {self.context_len}; use more GPUs or a shorter context")
+        n = self.max_concurrency
+        capacity = (f"{self.kv_tokens} KV tokens per replica, {n} request{'s' * (n != 1)} of "
+                    f"{self.context_len} tokens at once")
+        if not self.communication:
+            return f"{where}: fits: {capacity}"
+        comm, compute = self.communication_seconds_per_token * 1e6, self.compute_seconds_per_token * 1e6
+        if self.communication_bound:
+            worst = max(self.communication, key=lambda c: c.seconds_per_token)
+            advice = (" Pipeline parallelism sends two hidden-size vectors per token per stage instead of "
+                      "two all-reduces per layer: without NVLink vLLM advises PP over TP."
+                      if worst.parallelism == "tp" else "")
+            return (f"{where}: communication-bound: fits ({capacity}), but at full load the "
+                    f"{worst.parallelism.upper()} {worst.op} alone "
+                    f"takes {worst.seconds_per_token * 1e6:.1f} us per token on the "
+                    f"{self.hardware.interconnect_bandwidth / GB:.0f} GB/s link, all communication {comm:.1f} "
+                    f"us against {compute:.1f} us of compute per token.{advice}")
+        return (f"{where}: fits: {capacity}; communication {comm:.1f} us per token against {compute:.1f} us "
+                "of compute at full load")
+
+
+def pipeline_stages(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage: ``num_layers // pp`` each, the remainder one each on the stages before the
+    last, from the second-to-last backwards (vLLM's `get_pp_indices`)."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"ParallelLayout.pp={pp} must be between 1 and the model's num_layers={num_layers}")
+    stages = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        stages[-i] += 1
+    return tuple(stages)
+
+
+def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
+    """KV heads one GPU holds: ``K / tp``, or one (replicated) when ``tp > K``."""
+    k = model.num_kv_heads
+    if model.num_heads % tp:
+        raise ValueError(f"ParallelLayout.tp={tp} must divide {model.name}'s num_heads={model.num_heads}")
+    if (k % tp) if tp <= k else (tp % k):
+        raise ValueError(f"ParallelLayout.tp={tp} must divide {model.name}'s num_kv_heads={k} or be a "
+                         "multiple of it")
+    return max(1, k // tp)
+
+
+def plan_layout(model: ModelSpec, hardware: Hardware, layout: ParallelLayout = ParallelLayout(), *,
+                dtype: str = "bf16", context_len: int = 8192, gpu_memory_utilization: float = 0.9,
+                step_tokens: int = 256, sampled_tokens: int | None = None,
+                micro_batches: int | None = None) -> LayoutPlan:
+    """Plan ``model`` in ``dtype`` on ``layout.num_gpus`` GPUs of ``hardware``; a step runs
+    ``step_tokens`` tokens per replica, ``sampled_tokens`` of them sampled (default: all, a decode
+    step), in ``micro_batches`` pipeline micro-batches (default ``pp``). See the module for the formulas."""
+    cost = CostModel(model, hardware, dtype)  # checks the dtype and that the hardware has its FLOP rate
+    for name, value in (("context_len", context_len), ("step_tokens", step_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if context_len > model.max_model_len:
+        raise ValueError(f"context_len={context_len} exceeds {model.name}'s max_model_len={model.max_model_len}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+    sampled = step_tokens if sampled_tokens is None else sampled_tokens
+    if isinstance(sampled, bool) or not isinstance(sampled, int) or not 0 <= sampled <= step_tokens:
+        raise ValueError(f"sampled_tokens={sampled_tokens!r} must be an int in 0..step_tokens={step_tokens}")
+    m = layout.pp if micro_batches is None else micro_batches
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"micro_batches={micro_batches!r} must be an int >= 1")
+    tp, pp, ep, cp = layout.tp, layout.pp, layout.ep, layout.cp
+    if ep > 1 and not model.num_experts:
+        raise ValueError(f"ParallelLayout.ep={ep}: {model.name} is dense, it has no experts to spread")
+    if model.num_experts % ep:
+        raise ValueError(f"ParallelLayout.ep={ep} must divide {model.name}'s num_experts={model.num_experts}")
+    if (tp * pp * cp > 1 or ep > 1) and not hardware.interconnect_bandwidth > 0:
+        raise ValueError(f"hardware.interconnect_bandwidth={hardware.interconnect_bandwidth}: {hardware.name} "
+                         f"has no link between devices for {layout}")
+    kv_heads = kv_heads_per_gpu(model, tp)
+    stages = pipeline_stages(model.num_layers, pp)
+
+    b, d, h = DTYPE_BYTES[dtype], model.hidden_size, model.head_dim
+
+    def split(n: int) -> int:
+        return -(-n // tp)
+
+    # one layer's weights on one GPU: attention (q, o and k, v by head), norms, then the MLP
+    attention = 2 * d * (model.num_heads // tp) * h + 2 * d * kv_heads * h + 2 * d
+    dense_layer = attention + split(model.dense_mlp_params)
+    routed = model.num_experts * model.expert_params
+    experts = routed // ep if ep > 1 else split(routed)
+    moe_layer = attention + model.num_experts * d + experts + split(model.num_shared_experts * model.expert_params)
+    vocab_shard = split(model.vocab_size) * d
+
+    # MoE layers per stage: those from index num_dense_layers on
+    firsts = [sum(stages[:s]) for s in range(pp)]
+    moe_layers = [max(0, f + n - max(f, model.num_dense_layers)) if model.num_experts else 0
+                  for f, n in zip(firsts, stages)]
+    weights, kv = [], []
+    for s, (n, num_moe) in enumerate(zip(stages, moe_layers)):
+        w = (n - num_moe) * dense_layer + num_moe * moe_layer
+        if s == 0:
+            w += vocab_shard
+        if s == pp - 1:
+            w += d + (0 if model.tie_word_embeddings and pp == 1 else vocab_shard)
+        weights.append(w * b)
+        kv.append(2 * n * kv_heads * h * b)
+    usable = hardware.memory_bytes * gpu_memory_utilization
+    free = [usable - w for w in weights]
+    kv_tokens = cp * min(int(f // k) for f, k in zip(free, kv)) if min(free) > 0 else 0
+
+    link = hardware.interconnect_bandwidth / 2
+    t = step_tokens / cp / m
+
+    def stage_communication(s: int) -> tuple[Communication, ...]:
+        n, num_moe = stages[s], moe_layers[s]
+        kinds = []  # (parallelism, op, calls per micro-batch, payload per call, wire bytes per payload byte)
+        if tp > 1:
+            kinds.append(("tp", "all_reduce", 2 * n + (s == 0), t * d * b, 2 * (tp - 1) / tp))
+            if s == pp - 1:
+                kinds.append(("tp", "all_gather", 1, sampled / cp / m * split(model.vocab_size) * b, tp - 1))
+        if pp > 1 and s < pp - 1:
+            kinds.append(("pp", "send", 2, t * d * b, 1))  # hidden states and residual
+        if ep > 1 and num_moe:
+            top_k = model.num_experts_per_token
+            kinds.append(("ep", "all_to_all", 2 * num_moe, t / tp * top_k * d * b, (ep - 1) / ep))
+        if cp > 1:
+            kinds.append(("cp", "send", (cp - 1) * n, t * 2 * kv_heads * h * b, 1))
+        return tuple(Communication(kind, op, m * calls, payload, payload * factor, step_tokens, link)
+                     for kind, op, calls, payload, factor in kinds)
+
+    flops = cost.step_flops(step_tokens, sampled, step_tokens * context_len) / step_tokens
+    compute = flops / (tp * pp * cp) / cost.peak_flops
+    return LayoutPlan(model, hardware, layout, dtype, context_len, gpu_memory_utilization, step_tokens, m, stages,
+                      tuple(weights), tuple(kv), kv_tokens,
+                      tuple(stage_communication(s) for s in range(pp)), compute)

@@ -1,0 +1,77 @@
+"""Per-request speculative decoding counters (pure Python: the scheduler updates them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import zip_longest
+
+
+@dataclass
+class SpecDecodeMetrics:
+    """Counts over the steps that verified at least one draft token of a request.
+
+    Position ``i`` is the ``i``-th draft token of a step: ``proposed_per_position[i]`` steps had one,
+    ``verified_per_position[i]`` of them got as far as checking it (every draft before it accepted),
+    ``accepted_per_position[i]`` accepted it."""
+
+    num_steps: int = 0  # target forward passes that verified drafts
+    proposed_per_position: list[int] = field(default_factory=list)
+    verified_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        if not 0 <= num_accepted <= num_proposed:
+            raise ValueError(f"num_accepted={num_accepted!r} must be in [0, num_proposed={num_proposed}]")
+        if num_proposed == 0:
+            return
+        grow = num_proposed - len(self.proposed_per_position)
+        if grow > 0:
+            self.proposed_per_position += [0] * grow
+            self.verified_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        self.num_steps += 1
+        for i in range(num_proposed):
+            self.proposed_per_position[i] += 1
+            self.verified_per_position[i] += i <= num_accepted
+            self.accepted_per_position[i] += i < num_accepted
+
+    def merge(self, other: "SpecDecodeMetrics") -> "SpecDecodeMetrics":
+        """The counts of both (totals over requests)."""
+        total = SpecDecodeMetrics(self.num_steps + other.num_steps)
+        for name in ("proposed_per_position", "verified_per_position", "accepted_per_position"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(total, name, [x + y for x, y in zip_longest(mine, theirs, fillvalue=0)])
+        return total
+
+    @property
+    def num_proposed(self) -> int:
+        return sum(self.proposed_per_position)
+
+    @property
+    def num_accepted(self) -> int:
+        return sum(self.accepted_per_position)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_proposed if self.num_proposed else 0.0
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        """Of the steps that proposed a draft at position i, the share that kept it."""
+        return [a / p for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
+
+    @property
+    def conditional_acceptance_rate(self) -> float:
+        """Accepted drafts per draft actually checked: the ``alpha`` of the i.i.d. model, in which a
+        step with ``k`` drafts emits ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens on average."""
+        verified = sum(self.verified_per_position)
+        return self.num_accepted / verified if verified else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying forward pass: the accepted drafts plus the one the target adds."""
+        return 1 + self.num_accepted / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def forward_passes_saved(self) -> int:
+        """Each accepted draft is a token the target did not need a forward pass of its own for."""
+        return self.num_accepted
