@@ -101,25 +101,30 @@ class MultiprocExecutor:
                 self._fail(rank, None)
 
     def _gather(self) -> list[tuple]:
-        """One reply from every rank, in rank order; a dead or failed rank raises `WorkerError`."""
+        """One reply from every rank, in rank order; a dead or failed rank raises `WorkerError`.
+        A rank that died without a word is blamed before ranks that raised: its peers' errors (a
+        collective whose connection was reset) are the consequence, not the cause."""
         replies: list[tuple | None] = [None] * len(self.conns)
         pending = dict(zip(self.conns, range(len(self.conns))))
         sentinels = {p.sentinel: rank for rank, p in enumerate(self.processes)}
         while pending:
             ready = wait(list(pending) + list(sentinels))
-            for obj in ready:  # replies first: a worker that raised also exits
+            died, raised = [], []
+            for obj in ready:  # replies first: a worker that raised sends its traceback, then exits
                 if obj in pending:
                     rank = pending.pop(obj)
                     try:
-                        msg = obj.recv()
-                    except EOFError:
-                        self._fail(rank, None)
-                    if msg[0] == "error":
-                        self._fail(rank, msg[1])
-                    replies[rank] = msg
-            for obj in ready:
-                if obj in sentinels and sentinels[obj] in pending.values():
-                    self._fail(sentinels[obj], None)
+                        replies[rank] = obj.recv()
+                    except (EOFError, OSError):
+                        died.append(rank)
+                        continue
+                    if replies[rank][0] == "error":
+                        raised.append(rank)
+            died += [sentinels[obj] for obj in ready if obj in sentinels and sentinels[obj] in pending.values()]
+            if died:
+                self._fail(min(died), None)
+            if raised:
+                self._fail(min(raised), replies[min(raised)][1])
         return replies
 
     def _fail(self, rank: int, remote_traceback: str | None):

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.policy import BATCHING_POLICIES, SchedulingPolicy, make_policy  # noqa: F401 (re-exported)
+from minivllm.engine.policy import SchedulingPolicy, make_policy
 from minivllm.engine.sequence import Sequence, SequenceStatus
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from minivllm.engine.scheduler import BATCHING_POLICIES
+from minivllm.engine.policy import BATCHING_POLICIES
 from minivllm.lab.base import Lab, LabError
 from minivllm.sim import (HARDWARE, MODELS, PRESETS, Lengths, Metrics, RequestTimeline, SimConfig, SimResult,
                           Simulator, Workload, compute_metrics, get_hardware, get_model, request_timelines,
@@ -70,19 +71,22 @@ def simulate(settings: BatchingSettings) -> BatchingRun:
                        request_timelines(result.trace, result.arrival_times))
 
 
-class BatchingExperiment:
-    """The lab's state: the current settings and their simulated run. A rejected change leaves both."""
+class SimExperiment:
+    """A lab's state over the simulator: the current settings and their simulated run
+    (``simulate(settings)``, whose result keeps its ``settings``). A change the simulator refuses
+    leaves both and becomes the widget's message."""
 
-    def __init__(self, settings: BatchingSettings | None = None):
-        self.run = simulate(settings or BatchingSettings())
+    def __init__(self, simulate: Callable, settings):
+        self.simulate = simulate
+        self.run = simulate(settings)
 
     @property
-    def settings(self) -> BatchingSettings:
+    def settings(self):
         return self.run.settings
 
     def update(self, **changes) -> None:
         try:
-            self.run = simulate(replace(self.settings, **changes))
+            self.run = self.simulate(replace(self.settings, **changes))
         except ValueError as e:  # the simulator's own refusal, shown in the widget
             raise LabError(str(e)) from None
 
@@ -134,7 +138,7 @@ class BatchingLab(Lab):
     """Pick a workload and a policy; read the Gantt chart, the batch occupancy and the metrics."""
 
     def __init__(self, settings: BatchingSettings | None = None):
-        self.state = BatchingExperiment(settings)
+        self.state = SimExperiment(simulate, settings or BatchingSettings())
         s = self.state.settings
         self.preset = widgets.Dropdown(options=list(PRESETS), value=s.preset, description="workload")
         self.request_rate = widgets.FloatLogSlider(value=s.request_rate, base=2, min=-2, max=7, step=0.5,

@@ -9,14 +9,14 @@ and the preemptions, and the metrics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import ipywidgets as widgets
 import numpy as np
 from matplotlib.figure import Figure
 
-from minivllm.lab.base import Lab, LabError
-from minivllm.lab.batching import metrics_html
+from minivllm.lab.base import Lab
+from minivllm.lab.batching import SimExperiment, metrics_html
 from minivllm.sim import (Lengths, Metrics, SimConfig, SimResult, Simulator, Workload, compute_metrics,
                           get_hardware, get_model, request_timelines, step_timeline)
 
@@ -64,23 +64,6 @@ def simulate(settings: ChunkingSettings) -> ChunkingRun:
     return ChunkingRun(settings, result, compute_metrics(result.trace, result.arrival_times))
 
 
-class ChunkingExperiment:
-    """The lab's state: settings and their simulated run; a refused change keeps both."""
-
-    def __init__(self, settings: ChunkingSettings | None = None):
-        self.run = simulate(settings or ChunkingSettings())
-
-    @property
-    def settings(self) -> ChunkingSettings:
-        return self.run.settings
-
-    def update(self, **changes) -> None:
-        try:
-            self.run = simulate(replace(self.settings, **changes))
-        except ValueError as e:
-            raise LabError(str(e)) from None
-
-
 def draw_tokens_per_step(ax, result: SimResult, budget: int) -> None:
     series = step_timeline(result.trace, result.num_blocks)
     prefill = np.array([r.num_prefill_tokens for r in result.trace])
@@ -118,7 +101,7 @@ class ChunkingLab(Lab):
     """Move the token budget and the memory; watch ITL spikes, TTFT and preemptions."""
 
     def __init__(self, settings: ChunkingSettings | None = None):
-        self.state = ChunkingExperiment(settings)
+        self.state = SimExperiment(simulate, settings or ChunkingSettings())
         s = self.state.settings
         self.budget = widgets.SelectionSlider(options=[2 ** k for k in range(7, 14)], value=s.max_num_batched_tokens,
                                               description="token budget")
