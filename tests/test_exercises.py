@@ -2,7 +2,8 @@
 check passes on the solution and fails on the untouched skeleton; the sampling check rejects
 samplers that get the distribution wrong, and the block-manager check block managers that break a
 rule, each with the first broken rule in words; the row-parallel check (exercise 08) names a missing
-all-reduce, a bias added on every rank and a wrong input slice."""
+all-reduce, a bias added on every rank and a wrong input slice; the rejection-sampler check (exercise
+07) verifiers that break the acceptance rule, the residual, the bonus token or the contract."""
 from __future__ import annotations
 
 import ast
@@ -554,6 +555,141 @@ def test_policy_reference_tokens_match_a_plain_engine():
 def test_engine_refuses_a_batching_policy_that_is_not_one(value):
     with pytest.raises(ValueError, match=r"batching_policy=.* must be one of \('continuous', 'static'\) or a "):
         EngineConfig(model="unused", batching_policy=value)
+
+
+# ---- the rejection-sampler check tells right from wrong (exercise 07) ------------------------------
+def make_verifier(argmax_agreement=False, resample_from_p=False, no_bonus=False, accept_with_p=False,
+                  off_by_one=False, no_stop=False, no_generator=False, never_accept=False):
+    """A verifier written apart from the engine's (one uniform per draft, drawn as it goes), with
+    switches that each make one classic mistake."""
+    def verify(draft_tokens, draft_probs, target_probs, generator=None):
+        n, vocab = len(draft_tokens), target_probs.shape[1]
+        gen = None if no_generator else generator
+        p_all = target_probs.double()
+        q_all = (draft_probs.double() if draft_probs is not None
+                 else torch.nn.functional.one_hot(torch.tensor(draft_tokens, dtype=torch.long), vocab).double())
+        out = []
+        for i, x in enumerate(draft_tokens):
+            p, q = p_all[i + 1 if off_by_one else i], q_all[i]
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            if argmax_agreement:  # "the draft and the target agree": keep the sampled draft
+                keep = int(q.argmax()) == int(p.argmax())
+            else:
+                keep = not never_accept and (u < p[x] if accept_with_p else u * q[x] < p[x])
+            if keep:
+                out.append(x)
+                continue
+            residual = p if resample_from_p or argmax_agreement else (p - q).clamp(min=0)
+            out.append(int(torch.multinomial(residual if residual.sum() > 0 else p, 1, generator=gen)))
+            if not no_stop:
+                return out
+        if not no_bonus:
+            out.append(int(torch.multinomial(p_all[n], 1, generator=gen)))
+        return out
+
+    return verify
+
+
+def failure_pvalue(failure: str) -> float:
+    """The chi-square p-value a statistical failure reports."""
+    import re
+
+    m = re.search(r"chi-square p (?:= (\S+),|< 1e-300)", failure)
+    assert m, failure
+    return float(m.group(1)) if m.group(1) else 0.0
+
+
+def test_rejection_check_passes_the_engines_own_and_a_second_implementation(capsys):
+    from minivllm.spec_decode.rejection_sampler import rejection_sample
+
+    for verify in (rejection_sample, make_verifier()):
+        result = checks.check_rejection_sampler(verify)
+        assert result, str(result)
+        assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_rejection_sampler"
+
+
+DISTRIBUTION = ("draft_probs=q (a draft model), q = [[0.25, 0.2, 0.2, 0.15, 0.1, 0.1], [0.3, 0.05, 0.05, 0.4, 0.1, "
+                "0.1]]: over 4,000 verifications of 2 drafts, ")
+GREEDY_ALL_KEPT = ("greedy target (one-hot rows on [2, 3, 0, 5]), drafts [2, 3, 0], draft_probs one-hot on the drafts "
+                   "(a greedy draft model): expected [2, 3, 0, 5], got ")
+
+
+@pytest.mark.parametrize("flaw,words", [
+    # right on greedy targets, so only the statistics catch them
+    ("argmax_agreement", DISTRIBUTION + "the first emitted token does not follow the target's p"),
+    ("accept_with_p", DISTRIBUTION + "the first emitted token does not follow the target's p"),
+    ("resample_from_p", DISTRIBUTION + "the first emitted token does not follow the target's p"),
+    # wrong on greedy targets already
+    ("no_bonus", GREEDY_ALL_KEPT + "[2, 3, 0]: a draft equal to the target's argmax is kept"),
+    ("off_by_one", GREEDY_ALL_KEPT + "[3]: a draft equal to the target's argmax is kept"),
+    ("never_accept", GREEDY_ALL_KEPT + "[2]: a draft equal to the target's argmax is kept"),
+    ("no_stop", "greedy target (one-hot rows on [2, 3, 0, 5]), drafts [2, 4, 0], draft_probs one-hot on the drafts (a "
+                "greedy draft model): verify() returned [2, 3, 0, 5], whose token 1 is not draft 1 (4)"),
+    # which case shows it first depends on torch's global random state
+    ("no_generator", "two runs with generators seeded alike returned"),
+])
+def test_rejection_check_rejects_a_flawed_verifier(flaw, words, capsys):
+    result = checks.check_rejection_sampler(make_verifier(**{flaw: True}))
+    assert not result
+    assert result.failure.startswith(words) or (flaw == "no_generator" and words in result.failure), result.failure
+    if result.failure.startswith(DISTRIBUTION):
+        assert failure_pvalue(result.failure) < 1e-6
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_rejection_sampler: ")
+
+
+def test_rejection_check_names_a_token_outside_the_residual():
+    words = (r"Also: drafts \[\d, \d\] on the stage's fixed p and q, draft_probs=q \(a draft model\): after "
+             r"rejecting draft \d \(\d\), verify\(\) emitted token \d, where p = .* the residual max\(0, p - q\) "
+             "gives it probability 0")
+    with pytest.raises(checks.CheckFailed, match=words):
+        checks._stage_verify_distribution(make_verifier(resample_from_p=True))
+
+
+@pytest.mark.parametrize("flaw", ["no_bonus", "off_by_one", "never_accept"])
+def test_the_statistical_stage_alone_rejects_the_greedy_mistakes(flaw):
+    """Not only the greedy cases: the chi-square stage on its own catches these too."""
+    with pytest.raises(checks.CheckFailed, match="does not follow the target's p") as e:
+        checks._stage_verify_distribution(make_verifier(**{flaw: True}))
+    assert failure_pvalue(str(e.value)) < 1e-6
+
+
+@pytest.mark.parametrize("returned,words", [
+    (lambda d, q, p, g: torch.tensor(d + [0]), "verify() returned Tensor; return a list of Python ints"),
+    (lambda d, q, p, g: [torch.tensor(0)], "verify() returned a list holding Tensor; return a list of Python ints"),
+    (lambda d, q, p, g: [], "verify() returned [], 0 tokens for 3 drafts"),
+    (lambda d, q, p, g: d + [6], "verify() returned [2, 3, 0, 6]: token 6 is outside the vocabulary [0, 6)"),
+    (lambda d, q, p, g: {}[0], "verify() raised KeyError: 0"),
+])
+def test_rejection_check_reports_bad_return_values(returned, words):
+    result = checks.check_rejection_sampler(returned, verbose=False)
+    assert not result and words in result.failure, result.failure
+
+
+def test_rejection_check_reports_engine_failures_and_restores_the_verifier(monkeypatch):
+    from minivllm.spec_decode.rejection_sampler import rejection_sample
+
+    def broken(draft_tokens, draft_probs, target_probs, generator=None):
+        raise RuntimeError("boom")
+
+    # the engine samples every token through verify(), the one after the prompt too (nothing drafted)
+
+    engine = r"^inside the engine \(draft_model, k=3\)"
+    with pytest.raises(checks.CheckFailed, match=engine + r": drafts \[\], draft_probs=None \(a one-hot "
+                                                          r"proposer\): verify\(\) raised RuntimeError: boom"):
+        checks._stage_verify_engine(broken)
+    # a verifier that never accepts rejects a draft with p = q = 1 (greedy): a token the residual excludes
+    words = r": drafts \[\d+(, \d+)*\], draft_probs=q \(a draft model\): after rejecting draft 0 \((\d+)\), verify\(\) "
+    with pytest.raises(checks.CheckFailed, match=engine + words + r"emitted token \2, where p = 1 and q = 1"):
+        checks._stage_verify_engine(make_verifier(never_accept=True))
+    monkeypatch.setattr(checks, "_outside_support", lambda *args: None)  # then the acceptance count catches it
+    with pytest.raises(checks.CheckFailed, match=engine + r", greedy: your verify accepted none of the \d+ drafts"):
+        checks._stage_verify_engine(make_verifier(never_accept=True))
+    for method in ("draft_model", "ngram"):
+        llm = checks.spec_check_engine(method)
+        assert llm.llm_engine.spec_decoder.verify is rejection_sample
+        assert not llm.llm_engine.has_unfinished_requests()
+    result = checks.check_rejection_sampler("verify", verbose=False)
+    assert result.failure.startswith("verify='verify' must be a function"), result.failure
 
 
 # ---- the row-parallel check tells right from wrong (exercise 08) ------------------------------------

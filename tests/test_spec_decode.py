@@ -10,7 +10,6 @@ import torch
 
 from minivllm import LLM, SamplingParams, course
 from minivllm.course.checks import chi_square_pvalue
-from minivllm.spec_decode import rejection_sampler
 from minivllm.spec_decode.metrics import SpecDecodeMetrics
 from tests.test_spec_decode_units import argmax_agreement_verifier
 
@@ -169,12 +168,12 @@ def course_reference():
     return Reference(course.model_path("target"))
 
 
-def sampled_tokens(monkeypatch=None, verifier=None) -> torch.Tensor:
+def sampled_tokens(verifier=None) -> torch.Tensor:
     """The first three tokens of NUM_SAMPLES seeded requests, temperature 1, draft model with k=2."""
-    if verifier is not None:
-        monkeypatch.setattr(rejection_sampler, "rejection_sample", verifier)
     llm = LLM(course.model_path("target"), seed=0,
               speculative_config=spec("draft_model", 2, course.model_path("draft")))
+    if verifier is not None:
+        llm.llm_engine.spec_decoder.verify = verifier
     params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i) for i in range(NUM_SAMPLES)]
     outs = llm.generate([CONTEXT] * NUM_SAMPLES, params, use_tqdm=False)
     assert sum(o.metrics.spec_decode.num_accepted for o in outs) > NUM_SAMPLES / 4
@@ -206,8 +205,8 @@ def test_sampled_tokens_follow_the_target_distribution(course_reference):
     assert p_first > 1e-3 and p_second > 1e-3
 
 
-def test_the_same_test_catches_an_argmax_agreement_verifier(course_reference, monkeypatch):
-    _, p_second = pvalues(sampled_tokens(monkeypatch, argmax_agreement_verifier), course_reference)
+def test_the_same_test_catches_an_argmax_agreement_verifier(course_reference):
+    _, p_second = pvalues(sampled_tokens(argmax_agreement_verifier), course_reference)
     print(f"p-value of the second token with the argmax-agreement verifier: {p_second:.3g}")
     assert p_second < 1e-6
 

@@ -26,7 +26,7 @@ import torch
 
 from minivllm import LLM, SamplingParams, course
 from minivllm.benchmarks.offline_throughput import cpu_model, load_average
-from minivllm.spec_decode.metrics import SpecDecodeMetrics
+from minivllm.spec_decode.metrics import SpecDecodeMetrics, expected_tokens_per_step
 
 SOURCE_MODULES = ("textwrap", "json.decoder", "json.encoder", "argparse", "dataclasses", "shlex",
                   "fractions", "statistics", "heapq", "bisect", "calendar", "csv", "difflib",
@@ -43,11 +43,6 @@ def code_prompts(n: int, num_chars: int = 600) -> list[str]:
         start = src.find("\ndef ", len(src) // 3)  # past the imports and the module docstring
         prompts.append(src[start + 1:start + 1 + num_chars])
     return prompts[:n]
-
-
-def expected_tokens_per_step(alpha: float, k: int) -> float:
-    """Tokens a verifying step emits when each of ``k`` drafts is accepted with probability alpha."""
-    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def timed_run(llm: LLM, prompts: list[str], batch_size: int, params: SamplingParams) -> tuple[float, list]:

@@ -13,6 +13,7 @@ executed notebook records a meaningful state.
 | 04 | `BatchingLab`: static vs continuous batching in the simulator |
 | 05 | `ChunkingLab`: token budget and KV memory vs latency in the simulator |
 | 06 | `AttentionRooflineLab`: bytes, FLOPs and the roofline of paged attention |
+| 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
 """
 from minivllm.lab.base import Lab, LabError, error_html, figure_png
@@ -23,7 +24,8 @@ from minivllm.lab.engine_stepper import EngineStepper, EngineStepperLab
 from minivllm.lab.kv_memory import KVMemoryLab, KVMemoryPlan
 from minivllm.lab.parallel import ParallelLab
 from minivllm.lab.roofline import AttentionRooflineLab
+from minivllm.lab.spec import SpecDecodeLab, SpecRun
 
 __all__ = ["Lab", "LabError", "error_html", "figure_png", "AttentionRooflineLab", "BatchingLab", "ChunkingLab",
            "CinemaLab", "EngineStepper", "EngineStepperLab", "KVMemoryLab", "KVMemoryPlan",
-           "ParallelLab"]
+           "ParallelLab", "SpecDecodeLab", "SpecRun"]

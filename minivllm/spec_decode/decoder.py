@@ -25,6 +25,7 @@ class SpeculativeDecoder:
     def __init__(self, spec: SpeculativeConfig, config: EngineConfig, target_model: ModelConfig,
                  target: ModelRunner, block_manager: BlockManagerBase, max_model_len: int):
         self.target, self.block_manager = target, block_manager
+        self.verify = rejection_sampler.rejection_sample  # exercise 07 swaps in the learner's
         self.ngram = spec.ngram_proposer() if spec.method == "ngram" else None
         self.draft = (DraftModelProposer(spec.model, config, target_model, target.num_blocks, max_model_len)
                       if spec.method == "draft_model" else None)
@@ -39,8 +40,7 @@ class SpeculativeDecoder:
             return {}
         rows = [1 + len(c.draft_token_ids) for c in sampling]
         p = Sampler.probs(logits, [c.seq.sampling_params for c, n in zip(sampling, rows) for _ in range(n)])
-        return {c.seq: rejection_sampler.rejection_sample(list(c.draft_token_ids), draft_probs.get(c.seq),
-                                                          target_p, self._generator(c.seq))
+        return {c.seq: self.verify(list(c.draft_token_ids), draft_probs.get(c.seq), target_p, self._generator(c.seq))
                 for c, target_p in zip(sampling, p.split(rows))}
 
     def _propose(self, out: SchedulerOutput) -> dict[Sequence, torch.Tensor]:

@@ -5,6 +5,16 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 
 
+def expected_tokens_per_step(alpha: float, k: int) -> float:
+    """Tokens a verifying step emits when each of ``k`` drafts is accepted independently with
+    probability ``alpha`` (Leviathan et al.): ``(1 - alpha^(k+1)) / (1 - alpha)``."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha!r} must be in [0, 1]")
+    if k < 0:
+        raise ValueError(f"k={k!r} must be >= 0")
+    return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
 @dataclass
 class SpecDecodeMetrics:
     """Counts over the steps that verified at least one draft token of a request.
