@@ -19,6 +19,11 @@ import torch
 from minivllm import LLM, SamplingParams
 from minivllm.config import EngineConfig
 from minivllm.course import checks, exercises
+from minivllm.course.checks import base as check_base
+from minivllm.course.checks import block_manager as bm_checks
+from minivllm.course.checks import rejection_sampler as verify_checks
+from minivllm.course.checks import sampling as sampling_checks
+from minivllm.course.checks import scheduling_policy as policy_checks
 from minivllm.engine.block_manager import BlockManager, BlockManagerBase, chain_hash
 from minivllm.engine.policy import ContinuousBatching, StaticBatching
 from minivllm.engine.sequence import SequenceStatus
@@ -226,14 +231,14 @@ def test_check_rejects_a_flawed_sampler(flaw, words, capsys):
 def test_the_statistical_stage_alone_rejects(flaw):
     """Not only the argmax rows: the chi-square stage on its own catches these too."""
     with pytest.raises(checks.CheckFailed):
-        checks._stage_distribution(make_sampler(**{flaw: True}), draws=4000)
+        sampling_checks._stage_distribution(make_sampler(**{flaw: True}), draws=4000)
 
 
 def test_reference_distribution_matches_the_definitions():
     """The check's expected probabilities, read from the engine's filters, equal a by-hand reading
     of the exercise's text for every setting, and no setting sits on a top-p boundary."""
-    for i, p in enumerate(checks.SAMPLING_SETTINGS):
-        row = checks.setting_logits(i).double()
+    for i, p in enumerate(sampling_checks.SAMPLING_SETTINGS):
+        row = sampling_checks.setting_logits(i).double()
         z = row / p.temperature
         order = z.argsort(descending=True)
         keep = order[:p.top_k] if p.top_k > 0 else order
@@ -266,13 +271,13 @@ def test_check_reports_bad_return_values():
 def test_engine_sampler_is_restored_after_the_check():
     llm = checks.check_engine()
     before = llm.llm_engine.model_runner.sampler
-    checks._stage_engine(make_sampler())
+    sampling_checks._stage_engine(make_sampler())
 
     def broken(logits, params, generator):
         raise RuntimeError("boom")
 
     with pytest.raises(checks.CheckFailed, match="inside the engine"):
-        checks._stage_engine(broken)
+        sampling_checks._stage_engine(broken)
     assert llm.llm_engine.model_runner.sampler is before
     out = llm.generate("def f", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
@@ -420,7 +425,7 @@ def test_block_manager_check_reports_a_token_mismatch():
     tokens["r7"][5] += 1
     runs = {"mine": checks.BlockManagerRun(stock.trace, tokens, stock.prompts)}
     with pytest.raises(checks.CheckFailed, match=r"request r7 \(prompt ending 'class Config:'\): output token 5 is"):
-        checks._stage_block_manager_tokens(runs)
+        bm_checks._stage_block_manager_tokens(runs)
 
 
 def test_block_manager_workload_reaches_every_path():
@@ -429,7 +434,7 @@ def test_block_manager_workload_reaches_every_path():
     trace = checks.stock_block_manager_run().trace
     assert len(trace[0].blocks_cache_hit) >= 4 and not trace[0].blocks_freed
     assert sum(len(r.preempted) for r in trace) >= 2
-    free, revived = set(range(checks.BM_ENGINE_SETTINGS["num_kv_blocks"])), 0
+    free, revived = set(range(bm_checks.BM_ENGINE_SETTINGS["num_kv_blocks"])), 0
     for r in trace:
         revived += len((set(r.blocks_cache_hit) & free) - set(r.blocks_allocated))
         free = (free - set(r.blocks_allocated) - set(r.blocks_cache_hit)) | set(r.blocks_freed)
@@ -441,10 +446,10 @@ def test_block_manager_reference_tokens_match_a_plain_engine():
     """The stock run's tokens (cache too small, preemption, prefix hits) equal those of an engine
     with room to spare and no prefix caching, so the check's reference is no artefact of them."""
     stock = checks.stock_block_manager_run()
-    with checks._check_model_folder() as folder:
+    with check_base._check_model_folder() as folder:
         llm = LLM(folder, max_model_len=128, enable_prefix_caching=False, seed=0)
-    prompts = [checks.BM_SYSTEM_PROMPT + p for p in stock.prompts.values()]
-    outs = llm.generate(prompts, checks.BM_PARAMS, use_tqdm=False)
+    prompts = [bm_checks.BM_SYSTEM_PROMPT + p for p in stock.prompts.values()]
+    outs = llm.generate(prompts, bm_checks.BM_PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == list(stock.output_tokens.values())
     assert not any(r.preempted for r in llm.llm_engine.trace)
 
@@ -541,12 +546,12 @@ def test_policy_reference_tokens_match_a_plain_engine():
     """The stock run's tokens (chunked prompts, preemption, a cap of 4 running) equal those of an
     engine with room to spare that runs every request in one batch, so the check's reference is no
     artefact of the schedule; and the workload reaches the cap with requests waiting."""
-    stock = checks.stock_policy_engine_run()
-    assert any(r.num_running == checks.SP_ENGINE_SETTINGS["max_num_seqs"] and r.num_waiting for r in stock.trace)
-    with checks._check_model_folder() as folder:
+    stock = policy_checks.stock_policy_engine_run()
+    assert any(r.num_running == policy_checks.SP_ENGINE_SETTINGS["max_num_seqs"] and r.num_waiting for r in stock.trace)
+    with check_base._check_model_folder() as folder:
         llm = LLM(folder, max_model_len=128, seed=0)
-    prompts = [p for wave in checks.SP_ARRIVALS.values() for p in wave]
-    outs = llm.generate(prompts, checks.SP_PARAMS, use_tqdm=False)
+    prompts = [p for wave in policy_checks.SP_ARRIVALS.values() for p in wave]
+    outs = llm.generate(prompts, policy_checks.SP_PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == list(stock.output_tokens.values())
     assert not any(r.preempted for r in llm.llm_engine.trace)
 
@@ -642,14 +647,14 @@ def test_rejection_check_names_a_token_outside_the_residual():
              r"rejecting draft \d \(\d\), verify\(\) emitted token \d, where p = .* the residual max\(0, p - q\) "
              "gives it probability 0")
     with pytest.raises(checks.CheckFailed, match=words):
-        checks._stage_verify_distribution(make_verifier(resample_from_p=True))
+        verify_checks._stage_verify_distribution(make_verifier(resample_from_p=True))
 
 
 @pytest.mark.parametrize("flaw", ["no_bonus", "off_by_one", "never_accept"])
 def test_the_statistical_stage_alone_rejects_the_greedy_mistakes(flaw):
     """Not only the greedy cases: the chi-square stage on its own catches these too."""
     with pytest.raises(checks.CheckFailed, match="does not follow the target's p") as e:
-        checks._stage_verify_distribution(make_verifier(**{flaw: True}))
+        verify_checks._stage_verify_distribution(make_verifier(**{flaw: True}))
     assert failure_pvalue(str(e.value)) < 1e-6
 
 
@@ -676,14 +681,14 @@ def test_rejection_check_reports_engine_failures_and_restores_the_verifier(monke
     engine = r"^inside the engine \(draft_model, k=3\)"
     with pytest.raises(checks.CheckFailed, match=engine + r": drafts \[\], draft_probs=None \(a one-hot "
                                                           r"proposer\): verify\(\) raised RuntimeError: boom"):
-        checks._stage_verify_engine(broken)
+        verify_checks._stage_verify_engine(broken)
     # a verifier that never accepts rejects a draft with p = q = 1 (greedy): a token the residual excludes
     words = r": drafts \[\d+(, \d+)*\], draft_probs=q \(a draft model\): after rejecting draft 0 \((\d+)\), verify\(\) "
     with pytest.raises(checks.CheckFailed, match=engine + words + r"emitted token \2, where p = 1 and q = 1"):
-        checks._stage_verify_engine(make_verifier(never_accept=True))
-    monkeypatch.setattr(checks, "_outside_support", lambda *args: None)  # then the acceptance count catches it
+        verify_checks._stage_verify_engine(make_verifier(never_accept=True))
+    monkeypatch.setattr(verify_checks, "_outside_support", lambda *args: None)  # then the acceptance count catches it
     with pytest.raises(checks.CheckFailed, match=engine + r", greedy: your verify accepted none of the \d+ drafts"):
-        checks._stage_verify_engine(make_verifier(never_accept=True))
+        verify_checks._stage_verify_engine(make_verifier(never_accept=True))
     for method in ("draft_model", "ngram"):
         llm = checks.spec_check_engine(method)
         assert llm.llm_engine.spec_decoder.verify is rejection_sample

@@ -455,7 +455,7 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
         f"The `.py` files of the Python {corpus_info['python']} standard library that ships with the "
         f"interpreter (`sysconfig.get_paths()['stdlib']`), license PSF. Left out: {corpus_info['rule']}",
         "",
-        f"| | train | validation |", "| --- | --- | --- |",
+        "| | train | validation |", "| --- | --- | --- |",
         f"| files | {corpus_info['train_files']:,} | {corpus_info['val_files']:,} |",
         f"| characters | {corpus_info['train_chars']:,} | {corpus_info['val_chars']:,} |",
         f"| tokens | {corpus_info['train_tokens']:,} | {corpus_info['val_tokens']:,} |",
