@@ -446,7 +446,7 @@ def test_block_manager_reference_tokens_match_a_plain_engine():
     """The stock run's tokens (cache too small, preemption, prefix hits) equal those of an engine
     with room to spare and no prefix caching, so the check's reference is no artefact of them."""
     stock = checks.stock_block_manager_run()
-    with check_base._check_model_folder() as folder:
+    with check_base.check_model_folder() as folder:
         llm = LLM(folder, max_model_len=128, enable_prefix_caching=False, seed=0)
     prompts = [bm_checks.BM_SYSTEM_PROMPT + p for p in stock.prompts.values()]
     outs = llm.generate(prompts, bm_checks.BM_PARAMS, use_tqdm=False)
@@ -548,7 +548,7 @@ def test_policy_reference_tokens_match_a_plain_engine():
     artefact of the schedule; and the workload reaches the cap with requests waiting."""
     stock = policy_checks.stock_policy_engine_run()
     assert any(r.num_running == policy_checks.SP_ENGINE_SETTINGS["max_num_seqs"] and r.num_waiting for r in stock.trace)
-    with check_base._check_model_folder() as folder:
+    with check_base.check_model_folder() as folder:
         llm = LLM(folder, max_model_len=128, seed=0)
     prompts = [p for wave in policy_checks.SP_ARRIVALS.values() for p in wave]
     outs = llm.generate(prompts, policy_checks.SP_PARAMS, use_tqdm=False)

@@ -42,7 +42,8 @@ def test_steps_add_up_to_the_greedy_output_without_speculation(lab, plain_greedy
         assert step.added_kind == ("plain" if not step.draft_token_ids else
                                    "bonus" if step.num_accepted == len(step.draft_token_ids) else "correction")
     m = run.summary()
-    assert m["proposed"] == sum(len(s.draft_token_ids) for s in run.decode_steps)
+    assert m["proposed"] == sum(len(s.draft_token_ids) for s in run.decode_steps)  # the metrics agree with the trace
+    assert m["accepted"] == sum(s.num_accepted for s in run.decode_steps)
     assert m["tokens"] == sum(s.num_emitted for s in run.decode_steps) >= len(plain_greedy) - 1
 
 

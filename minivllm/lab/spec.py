@@ -17,7 +17,7 @@ from minivllm.lab.base import Lab, LabError
 from minivllm.llm import LLM
 from minivllm.sampling_params import SamplingParams
 from minivllm.spec_decode.config import METHODS
-from minivllm.spec_decode.metrics import expected_tokens_per_step
+from minivllm.spec_decode.metrics import SpecDecodeMetrics, expected_tokens_per_step
 
 COLORS = {"accepted": "#2e7d32", "rejected": "#c62828", "unchecked": "#9e9e9e", "bonus": "#1565c0",
           "correction": "#ef6c00", "plain": "#444444"}
@@ -28,7 +28,6 @@ class SpecStep:
     """What one engine step did for the request: the drafts, how many the target kept, and the
     token it added (None for a prefill chunk that did not reach the prompt's end)."""
 
-    step: int
     is_prefill: bool
     draft_token_ids: tuple[int, ...]
     num_accepted: int
@@ -56,6 +55,7 @@ class SpecRun:
         self._llms: dict[tuple[str, int], LLM] = {}
         self.steps: list[SpecStep] = []
         self.output_token_ids: list[int] = []
+        self.metrics = SpecDecodeMetrics()  # the engine's own counts for the request
         self.settings: tuple[str, int, float] | None = None
         self.tokenizer = None
 
@@ -78,30 +78,25 @@ class SpecRun:
         engine = llm.llm_engine
         first = len(engine.trace)
         out = llm.generate([prompt], params, use_tqdm=False)[0]
-        self.steps = [SpecStep(rec.step, c.is_prefill, c.draft_token_ids, c.num_accepted, c.sampled_token)
+        self.steps = [SpecStep(c.is_prefill, c.draft_token_ids, c.num_accepted, c.sampled_token)
                       for rec in engine.trace[first:] for c in rec.chunks if c.request_id == out.request_id]
         self.settings, self.tokenizer = (method, k, temperature), engine.tokenizer
         self.output_token_ids = list(out.outputs[0].token_ids)
+        self.metrics = out.metrics.spec_decode
 
     @property
     def decode_steps(self) -> list[SpecStep]:
         return [s for s in self.steps if not s.is_prefill]
 
     def summary(self) -> dict[str, float]:
-        """Drafts proposed and accepted over the request's decode steps, the tokens each step
-        emitted, and what the i.i.d. model predicts from the measured conditional rate."""
-        steps = self.decode_steps
-        proposed = sum(len(s.draft_token_ids) for s in steps)
-        accepted = sum(s.num_accepted for s in steps)
-        # drafts actually checked: every kept one, and the first rejected one when there was one
-        checked = sum(s.num_accepted + (s.num_accepted < len(s.draft_token_ids)) for s in steps)
-        alpha_c = accepted / checked if checked else 0.0
+        """The engine's draft counts for the request (`RequestOutput.metrics.spec_decode`), the tokens
+        each decode step emitted, and what the i.i.d. model predicts from the measured rate."""
+        m, steps = self.metrics, self.decode_steps
+        emitted = sum(s.num_emitted for s in steps)
         k = self.settings[1] if self.settings else 0
-        return {"decode steps": len(steps), "tokens": sum(s.num_emitted for s in steps),
-                "proposed": proposed, "accepted": accepted,
-                "acceptance rate": accepted / proposed if proposed else 0.0,
-                "tokens per step": sum(s.num_emitted for s in steps) / len(steps) if steps else 0.0,
-                "i.i.d. theory": expected_tokens_per_step(alpha_c, k) if checked else 1.0}
+        return {"decode steps": len(steps), "tokens": emitted, "proposed": m.num_proposed, "accepted": m.num_accepted,
+                "acceptance rate": m.acceptance_rate, "tokens per step": emitted / len(steps) if steps else 0.0,
+                "i.i.d. theory": expected_tokens_per_step(m.conditional_acceptance_rate, k) if m.num_steps else 1.0}
 
 
 def _token_span(text: str, kind: str) -> str:

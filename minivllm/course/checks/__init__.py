@@ -14,7 +14,7 @@ A check never raises because the learner's code raised: that is reported as the 
 | 07 | `check_rejection_sampler` | `rejection_sampler.py` |
 | 08 | `check_row_parallel_linear` | `row_parallel.py` |
 """
-from minivllm.course.checks.base import HISTORY, CheckFailed, CheckResult, chi_square_pvalue
+from minivllm.course.checks.base import CheckFailed, CheckResult, chi_square_pvalue, HISTORY
 from minivllm.course.checks.block_manager import BlockManagerRun, check_block_manager, stock_block_manager_run
 from minivllm.course.checks.paged_decode import check_paged_decode
 from minivllm.course.checks.rejection_sampler import check_rejection_sampler, spec_check_engine

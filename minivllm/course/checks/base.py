@@ -33,7 +33,7 @@ class CheckFailed(Exception):
     """Raised inside a check at the first failing case; its message is what the learner reads."""
 
 
-def _run(name: str, stages: list[Callable[[], str]], verbose: bool) -> CheckResult:
+def run_stages(name: str, stages: list[Callable[[], str]], verbose: bool) -> CheckResult:
     result = CheckResult(name, passed=False)
     try:
         for stage in stages:
@@ -70,6 +70,11 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
 P_VALUE_THRESHOLD = 1e-4
 
 
+def pvalue_words(pval: float) -> str:
+    """How a failing check reports a chi-square p-value: "p = 3.2e-07, below 0.0001"."""
+    return f"p {'< 1e-300' if pval < 1e-300 else f'= {pval:.1e}'}, below {P_VALUE_THRESHOLD:g}"
+
+
 def token_mismatch(got: list[int], want: list[int], mine: str, theirs: str) -> str | None:
     """Where two outputs first differ, in words (``mine`` and ``theirs`` name them); None if equal."""
     if list(got) == list(want):
@@ -80,7 +85,7 @@ def token_mismatch(got: list[int], want: list[int], mine: str, theirs: str) -> s
 
 
 @contextlib.contextmanager
-def _quiet_engine_logs():
+def quiet_engine_logs():
     logger = logging.getLogger("minivllm")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -91,7 +96,7 @@ def _quiet_engine_logs():
 
 
 @contextlib.contextmanager
-def _check_model_folder():
+def check_model_folder():
     """The model the checks run: the course's target model when it is there, else a tiny random
     Qwen3 built offline (`minivllm.models.tiny`) in a folder removed afterwards."""
     from minivllm import course
@@ -111,7 +116,7 @@ def _check_model_folder():
 ENGINE_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\nimport"]
 
 
-def _not_implemented(e: BaseException) -> bool:
+def is_not_implemented(e: BaseException) -> bool:
     """Whether ``e`` is, or wraps, the skeleton's NotImplementedError (the Triton interpreter re-raises
     a kernel's exception as an ``InterpreterError``)."""
     seen = set()

@@ -7,7 +7,7 @@ import traceback
 from dataclasses import dataclass
 
 from minivllm.course.checks.base import (
-    _check_model_folder, _quiet_engine_logs, _run, CheckFailed, CheckResult, token_mismatch)
+    check_model_folder, CheckFailed, CheckResult, quiet_engine_logs, run_stages, token_mismatch)
 from minivllm.sampling_params import SamplingParams
 
 # A workload through every path of the allocation core: six requests share a system prompt (prefix-
@@ -58,7 +58,7 @@ def _run_workload(cls: type, stock: BlockManagerRun | None = None) -> BlockManag
     from minivllm import LLM
 
     try:
-        with _check_model_folder() as folder, _quiet_engine_logs():
+        with check_model_folder() as folder, quiet_engine_logs():
             llm = LLM(folder, block_manager_class=cls, **BM_ENGINE_SETTINGS)
     except ValueError as e:  # not a BlockManagerBase subclass: the message names the field
         raise CheckFailed(str(e)) from None
@@ -83,14 +83,14 @@ def _run_workload(cls: type, stock: BlockManagerRun | None = None) -> BlockManag
                               "`# YOUR CODE HERE` and `raise NotImplementedError` with your code") from None
         except Exception as e:  # the learner's bug is the finding, not a crash of the check
             raise CheckFailed(f"step {step}: {_learner_method(cls, e)} raised {type(e).__name__}: {e}") from None
-        _check_block_state(engine.block_manager, seqs, step)
+        check_block_state(engine.block_manager, seqs, step)
         if stock is not None:
             _compare_step(engine.trace, stock.trace, step, engine.block_manager.num_blocks)
         step += 1
     return BlockManagerRun(engine.trace, tokens, prompts)
 
 
-def _check_block_state(bm, seqs: dict, step: int) -> None:
+def check_block_state(bm, seqs: dict, step: int) -> None:
     """Finished and waiting requests hold no blocks; the running ones pass the invariant check of
     `BlockManagerBase` (called on the base, so a subclass cannot replace it)."""
     from minivllm.engine.block_manager import BlockManagerBase
@@ -190,5 +190,5 @@ def check_block_manager(cls: type, *, verbose: bool = True) -> CheckResult:
     2. every request's generated tokens equal the stock engine's.
     """
     runs: dict[str, BlockManagerRun] = {}
-    return _run("check_block_manager", [lambda: _stage_block_manager_steps(cls, runs),
+    return run_stages("check_block_manager", [lambda: _stage_block_manager_steps(cls, runs),
                                         lambda: _stage_block_manager_tokens(runs)], verbose)

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from minivllm.course.checks.base import _not_implemented, _run, CheckFailed, CheckResult
+from minivllm.course.checks.base import CheckFailed, CheckResult, is_not_implemented, run_stages
 
 DecodeFn = Callable[..., torch.Tensor]
 
@@ -55,7 +55,7 @@ def _stage_decode_case(decode: DecodeFn, case: tuple, seed: int) -> str:
     try:
         got = decode(*args, scale, block_size)
     except Exception as e:  # the learner's bug is the finding, not a crash of the check
-        if _not_implemented(e):
+        if is_not_implemented(e):
             raise CheckFailed("your kernel raised NotImplementedError: replace `# YOUR CODE HERE` and "
                               "`raise NotImplementedError` with the loop body") from None
         raise CheckFailed(f"{what}: your kernel raised {type(e).__name__}: {e}") from None
@@ -79,5 +79,5 @@ def check_paged_decode(decode: DecodeFn, *, verbose: bool = True) -> CheckResult
     ``context_lens[s]`` cached tokens (``k_cache``/``v_cache``: ``[slots, kv_heads, head_dim]``), found
     through ``block_tables[s]``. Each stage is a shape the notebook does not use, checked against
     `minivllm.kernels.reference.varlen_paged_attention` (float32, tolerance 1e-4)."""
-    return _run("check_paged_decode", [lambda c=c, i=i: _stage_decode_case(decode, c, seed=100 + i)
+    return run_stages("check_paged_decode", [lambda c=c, i=i: _stage_decode_case(decode, c, seed=100 + i)
                                        for i, c in enumerate(DECODE_CASES)], verbose)

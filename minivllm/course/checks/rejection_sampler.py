@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from minivllm.course.checks.base import (
-    _quiet_engine_logs, _run, CheckFailed, CheckResult, chi_square_pvalue, ENGINE_PROMPTS, P_VALUE_THRESHOLD,
-    token_mismatch)
+    CheckFailed, CheckResult, chi_square_pvalue, ENGINE_PROMPTS, P_VALUE_THRESHOLD, pvalue_words,
+    quiet_engine_logs, run_stages, token_mismatch)
 from minivllm.sampling_params import SamplingParams
 
 # The learner writes ``verify(draft_tokens, draft_probs, target_probs, generator)``, the engine's
@@ -178,8 +178,8 @@ def _stage_verify_distribution(verify: VerifyFn, trials: int = VERIFY_TRIALS) ->
                     f"{100 * freq[worst]:.1f}%")
             raise CheckFailed(
                 f"{_q_kind(VERIFY_Q if with_q else None)}, q = {VERIFY_Q if with_q else 'one-hot'}: over {trials:,} "
-                f"verifications of 2 drafts, the {name} does not follow the target's p = {VERIFY_P[j]} (chi-square p "
-                f"{'< 1e-300' if pval < 1e-300 else f'= {pval:.1e}'}, below {P_VALUE_THRESHOLD:g}): {what}"
+                f"verifications of 2 drafts, the {name} does not follow the target's p = {VERIFY_P[j]} (chi-square "
+                f"{pvalue_words(pval)}): {what}"
                 + (f". Also: {outside}" if outside else ""))
         if outside:
             raise CheckFailed(outside)
@@ -196,7 +196,7 @@ def spec_check_engine(method: str | None):
 
     spec = method and {"method": method, "num_speculative_tokens": VERIFY_K,
                        **({"model": course.model_path("draft")} if method == "draft_model" else {})}
-    with _quiet_engine_logs():
+    with quiet_engine_logs():
         return LLM(course.model_path("target"), max_model_len=256, max_num_seqs=16, seed=0, speculative_config=spec)
 
 
@@ -255,6 +255,6 @@ def check_rejection_sampler(verify: VerifyFn, *, verbose: bool = True) -> CheckR
        n-gram, k=3), greedy outputs equal the engine's without speculation, drafts were accepted, and
        sampled requests emit only tokens their distributions allow.
     """
-    return _run("check_rejection_sampler", [lambda: _stage_verify_contract(verify),
+    return run_stages("check_rejection_sampler", [lambda: _stage_verify_contract(verify),
                                             lambda: _stage_verify_distribution(verify),
                                             lambda: _stage_verify_engine(verify)], verbose)

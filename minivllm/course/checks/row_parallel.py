@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minivllm.course.checks.base import _not_implemented, _run, CheckFailed, CheckResult
+from minivllm.course.checks.base import CheckFailed, CheckResult, is_not_implemented, run_stages
 
 # The learner writes two functions: ``input_shard(x, rank, world_size)``, the slice of the layer's
 # input that a rank multiplies, and ``row_parallel_forward(self, x)``, the forward of
@@ -65,7 +65,7 @@ def _row_parallel_rank(rank: int, init_method: str, source: str, name: str, case
             outputs.append((y.numpy() if isinstance(y, torch.Tensor) else y, counts.get("all_reduce", [0, 0])[0]))
         conn.send(("done", outputs))
     except BaseException as e:  # the learner's bug is the finding: report it, never a bare traceback
-        conn.send(("raised", case, f"{type(e).__name__}: {e}", _not_implemented(e)))
+        conn.send(("raised", case, f"{type(e).__name__}: {e}", is_not_implemented(e)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -101,7 +101,7 @@ def _stage_input_shard(input_shard: Callable, cases: list) -> str:
             try:
                 got = input_shard(x.clone(), rank, ROW_PARALLEL_WORLD)
             except Exception as e:  # the learner's bug is the finding, not a crash of the check
-                if _not_implemented(e):
+                if is_not_implemented(e):
                     raise CheckFailed("input_shard() raised NotImplementedError: replace `# YOUR CODE HERE` and "
                                       "`raise NotImplementedError` with your code") from None
                 raise CheckFailed(f"{what}: input_shard(x, rank={rank}, world_size={ROW_PARALLEL_WORLD}) raised "
@@ -220,6 +220,6 @@ def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Calla
        its forward gives every rank the unsplit layer's output (F.linear on the full weight), for
        several shapes with and without bias. The forward is sent by its source (see above)."""
     cases = [_row_parallel_data(c, seed=800 + i) for i, c in enumerate(ROW_PARALLEL_CASES)]
-    return _run("check_row_parallel_linear",
+    return run_stages("check_row_parallel_linear",
                 [lambda: _stage_input_shard(input_shard, cases),
                  lambda: _stage_row_parallel_forward(row_parallel_forward, input_shard, cases)], verbose)

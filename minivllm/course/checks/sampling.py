@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 
 from minivllm.course.checks.base import (
-    _check_model_folder, _quiet_engine_logs, _run, CheckFailed, CheckResult, chi_square_pvalue,
-    ENGINE_PROMPTS, P_VALUE_THRESHOLD, token_mismatch)
+    check_model_folder, CheckFailed, CheckResult, chi_square_pvalue, ENGINE_PROMPTS, P_VALUE_THRESHOLD,
+    pvalue_words, quiet_engine_logs, run_stages, token_mismatch)
 from minivllm.sampling_params import SamplingParams
 
 SampleFn = Callable[[torch.Tensor, list, torch.Generator], "torch.Tensor | list[int]"]
@@ -140,7 +140,7 @@ def _stage_distribution(sample: SampleFn, draws: int) -> str:
             raise CheckFailed(
                 f"rows with {describe(p)} (logits {_fmt(rows[i])}): over {draws} draws the sampled "
                 f"frequencies do not follow softmax(logits / temperature) after the filters (chi-square "
-                f"p {'< 1e-300' if pval < 1e-300 else f'= {pval:.1e}'}, below {P_VALUE_THRESHOLD:g}); token {worst} should come up "
+                f"{pvalue_words(pval)}); token {worst} should come up "
                 f"{100 * probs[worst]:.1f}% of the time, yours came up {100 * freq[worst]:.1f}%")
     return (f"top-k and top-p never return a token they remove, and the frequencies follow the "
             f"engine's distribution in {k} settings ({draws:,} draws each, chi-square p > "
@@ -166,10 +166,10 @@ class LearnerSampler:
 
 @functools.lru_cache(maxsize=1)
 def check_engine():
-    """The engine the checks plug into (see `_check_model_folder`), built once per process."""
+    """The engine the checks plug into (see `check_model_folder`), built once per process."""
     from minivllm import LLM
 
-    with _check_model_folder() as folder, _quiet_engine_logs():
+    with check_model_folder() as folder, quiet_engine_logs():
         return LLM(folder, max_model_len=256, max_num_seqs=16, seed=0)
 
 
@@ -209,5 +209,5 @@ def check_sampling(sample: SampleFn, *, draws: int = 4000, verbose: bool = True)
     3. plugged into the real engine as its sampler, greedy-equivalent requests give the stock
        engine's tokens.
     """
-    return _run("check_sampling", [lambda: _stage_argmax(sample), lambda: _stage_distribution(sample, draws),
+    return run_stages("check_sampling", [lambda: _stage_argmax(sample), lambda: _stage_distribution(sample, draws),
                                    lambda: _stage_engine(sample)], verbose)

@@ -5,8 +5,8 @@ import functools
 from dataclasses import dataclass
 
 from minivllm.course.checks.base import (
-    _check_model_folder, _quiet_engine_logs, _run, CheckFailed, CheckResult, token_mismatch)
-from minivllm.course.checks.block_manager import _check_block_state
+    check_model_folder, CheckFailed, CheckResult, quiet_engine_logs, run_stages, token_mismatch)
+from minivllm.course.checks.block_manager import check_block_state
 from minivllm.engine.policy import SchedulingPolicy
 from minivllm.sampling_params import SamplingParams
 
@@ -97,7 +97,7 @@ def _run_engine_policy(policy, stock: PolicyRun | None = None) -> PolicyRun:
 
     where = "in the engine"
     audited = _audited(policy, where, len(stock.trace) * SP_MAX_STEPS_FACTOR if stock else None)
-    with _check_model_folder() as folder, _quiet_engine_logs():
+    with check_model_folder() as folder, quiet_engine_logs():
         llm = LLM(folder, batching_policy=audited, **SP_ENGINE_SETTINGS)
     engine = llm.llm_engine
     seqs, tokens, step = {}, {}, 0
@@ -113,7 +113,7 @@ def _run_engine_policy(policy, stock: PolicyRun | None = None) -> PolicyRun:
             raise
         except Exception as e:  # for example the block manager, out of blocks
             raise CheckFailed(f"{where}, step {step}: {type(e).__name__}: {e}") from None
-        _check_block_state(engine.block_manager, seqs, step)
+        check_block_state(engine.block_manager, seqs, step)
         step += 1
     return PolicyRun(engine.trace, tokens)
 
@@ -195,5 +195,5 @@ def check_scheduling_policy(policy, *, verbose: bool = True) -> CheckResult:
     2. the simulator runs chapter 04's balanced workload at GPU scale under the same per-step audit,
        and the policy's output throughput must beat static batching's.
     """
-    return _run("check_scheduling_policy", [lambda: _stage_policy_engine(policy),
+    return run_stages("check_scheduling_policy", [lambda: _stage_policy_engine(policy),
                                             lambda: _stage_policy_sim(policy)], verbose)
