@@ -34,6 +34,7 @@ ROW_PARALLEL_NAMESPACE = "import torch\nimport torch.distributed as dist\nimport
                          "from torch import nn\nfrom minivllm.distributed.parallel_state import tensor_parallel_group\n"
 ROW_PARALLEL_TIMEOUT_S = 60.0  # the whole run: two fresh processes import torch, then a few tiny matmuls
 ROW_PARALLEL_STRAGGLER_S = 10.0  # once one rank has answered, how long the other may take
+ROW_PARALLEL_RAISE_GRACE_S = 2.0  # once one rank has raised, how long the others may take to report theirs
 
 
 def _row_parallel_rank(rank: int, init_method: str, source: str, name: str, cases: list, conn) -> None:
@@ -140,9 +141,13 @@ def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
         conns.append(parent)
     replies: dict[int, tuple] = {}
     deadline = time.monotonic() + ROW_PARALLEL_TIMEOUT_S
+    first_raise = None  # when the first rank reported an exception
     try:
         while len(replies) < ROW_PARALLEL_WORLD:
-            ready = wait([c for r, c in enumerate(conns) if r not in replies], max(0.0, deadline - time.monotonic()))
+            wait_until = deadline if first_raise is None else min(deadline, first_raise + ROW_PARALLEL_RAISE_GRACE_S)
+            ready = wait([c for r, c in enumerate(conns) if r not in replies], max(0.0, wait_until - time.monotonic()))
+            if not ready and first_raise is not None:
+                break  # the others are still busy (or stuck): report what was raised
             if not ready:
                 waiting = [r for r in range(ROW_PARALLEL_WORLD) if r not in replies]
                 answered = f" after rank {next(iter(replies))} had finished" if replies else ""
@@ -156,25 +161,31 @@ def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
                 except EOFError:
                     raise CheckFailed(f"rank {rank}'s process died (exit code {procs[rank].exitcode}) while "
                                       "running your forward") from None
-                if replies[rank][0] == "raised":
-                    _, case, what, not_implemented = replies[rank]
-                    if not_implemented:
-                        raise CheckFailed("row_parallel_forward() raised NotImplementedError: replace "
-                                          "`# YOUR CODE HERE` and `raise NotImplementedError` with your code")
-                    where = f"{ROW_PARALLEL_CASES[case][0]}: " if case is not None else ""
-                    done = [r for r, reply in replies.items() if reply[0] == "done"]
-                    if done:  # its peer had left: it was waiting in a collective the peer never called
-                        raise CheckFailed(f"{where}rank {rank} was still waiting in a collective when rank {done[0]} "
-                                          "had finished (every rank must call dist.all_reduce the same number "
-                                          "of times)")
-                    hint = (" (the check runs your function from its source alone in fresh processes: it may use "
-                            "torch, dist, F, nn and tensor_parallel_group, and no other name of your notebook)"
-                            if what.startswith("NameError") else "")
-                    raise CheckFailed(f"{where}rank {rank}: your forward raised {what}{hint}")
-                deadline = min(deadline, time.monotonic() + ROW_PARALLEL_STRAGGLER_S)
+                if replies[rank][0] == "raised" and first_raise is None:
+                    first_raise = time.monotonic()
+            deadline = min(deadline, time.monotonic() + ROW_PARALLEL_STRAGGLER_S)
     finally:
         shutdown_workers(procs, conns)
+    raised = sorted(r for r, reply in replies.items() if reply[0] == "raised")
+    if raised:  # the lowest rank, so that ranks failing alike give the same message every run
+        raise CheckFailed(_raised_words(raised[0], replies))
     return [replies[r][1] for r in range(ROW_PARALLEL_WORLD)]
+
+
+def _raised_words(rank: int, replies: dict[int, tuple]) -> str:
+    """What to tell the learner about the exception ``rank`` reported."""
+    _, case, what, not_implemented = replies[rank]
+    if not_implemented:
+        return ("row_parallel_forward() raised NotImplementedError: replace `# YOUR CODE HERE` and "
+                "`raise NotImplementedError` with your code")
+    where = f"{ROW_PARALLEL_CASES[case][0]}: " if case is not None else ""
+    done = [r for r, reply in replies.items() if reply[0] == "done"]
+    if done:  # its peer had left: it was waiting in a collective the peer never called
+        return (f"{where}rank {rank} was still waiting in a collective when rank {done[0]} had finished (every "
+                "rank must call dist.all_reduce the same number of times)")
+    hint = (" (the check runs your function from its source alone in fresh processes: it may use torch, dist, F, "
+            "nn and tensor_parallel_group, and no other name of your notebook)" if what.startswith("NameError") else "")
+    return f"{where}rank {rank}: your forward raised {what}{hint}"
 
 
 def _stage_row_parallel_forward(forward: Callable, input_shard: Callable, cases: list) -> str:
