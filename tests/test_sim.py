@@ -3,6 +3,7 @@ cases, the real scheduler's decisions reproduced step for step, and bad inputs."
 from __future__ import annotations
 
 import ast
+import gc
 import math
 from pathlib import Path
 
@@ -192,6 +193,22 @@ def test_virtual_clock_idles_until_the_next_arrival():
     cost = sim.cost
     assert result.trace[0].duration == pytest.approx(cost.step_time(1, 100, 1, 100, 100 * 101 / 2))
     assert result.trace[1].duration == pytest.approx(cost.step_time(1, 1, 1, 101, 101))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_run_leaves_the_garbage_collector_as_it_found_it(enabled):
+    """The simulator pauses the cyclic collector during a run (and on a refused request)."""
+    sim = Simulator(SimConfig(get_model("Llama-3.1-8B"), get_hardware("H100-SXM")))
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        sim.run([Request("a", 0.0, [1] * 20, 2)])
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError, match="prompt_token_ids is empty"):
+            sim.run([Request("b", 0.0, [], 2)])
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
 
 
 def test_continuous_batching_beats_static_under_load():

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from minivllm.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)  # one per KV block, touched on every allocation: slots are faster
 class Block:
     block_id: int
     ref_count: int = 0
@@ -261,20 +261,22 @@ class BlockManager(BlockManagerBase):
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         end = seq.num_computed_tokens + num_new_tokens
         bs, table = self.block_size, seq.block_table
-        for _ in range(-(-end // bs) - len(table)):
+        while len(table) * bs < end:
             block_id = self.pop_free_block()
             self.blocks[block_id].ref_count = 1
             table.append(block_id)
         # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
-        filled = min(end, seq.num_tokens)
+        known = len(seq.token_ids)
+        filled = end if end < known else known
         if self.enable_prefix_caching and filled // bs > seq.num_computed_tokens // bs:
             self._register_full_blocks(seq, filled)
 
     def free(self, seq: Sequence) -> None:
         # tail blocks are queued first so they are evicted first: a prefix is worth more to later
         # requests than the tail that hangs from it
+        blocks = self.blocks
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+            block = blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.push_free_block(block_id)
@@ -284,13 +286,13 @@ class BlockManager(BlockManagerBase):
     def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Hash the blocks that become full with the first ``num_tokens`` tokens. Blocks before
         ``num_computed_tokens`` were hashed when they filled (or were cache hits)."""
-        bs = self.block_size
+        bs, blocks, table, tokens = self.block_size, self.blocks, seq.block_table, seq.token_ids
         first = seq.num_computed_tokens // bs
-        parent = self.blocks[seq.block_table[first - 1]].block_hash if first else None
+        parent = blocks[table[first - 1]].block_hash if first else None
         for i in range(first, num_tokens // bs):
-            block = self.blocks[seq.block_table[i]]
+            block = blocks[table[i]]
             if block.block_hash is None:
-                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                block.token_ids = tuple(tokens[i * bs:(i + 1) * bs])
                 block.block_hash = chain_hash(parent, block.token_ids)
                 # first writer wins; a duplicate stays private to its request and is never hit
                 self.cached.setdefault(block.block_hash, block.block_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING
 
-from minivllm.engine.sequence import SequenceStatus
+from minivllm.engine.sequence import RUNNING
 
 if TYPE_CHECKING:
     from minivllm.engine.scheduler import Scheduler, SchedulerOutput
@@ -53,12 +53,12 @@ class ContinuousBatching(SchedulingPolicy):
         the cache has no block for the next. Returns the budget left."""
         bm = scheduler.block_manager
         for seq in list(scheduler.running):  # a copy: preemption removes from the end
-            if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+            if budget == 0 or seq.status is not RUNNING:
                 break  # out of budget, or seq was preempted and so was everyone after it
             num_new = min(scheduler.num_tokens_to_run(seq), budget)
-            while seq.status is SequenceStatus.RUNNING and not bm.can_append(seq, num_new):
+            while seq.status is RUNNING and not bm.can_append(seq, num_new):
                 scheduler.preempt(scheduler.running[-1], out)
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not RUNNING:
                 break
             scheduler.schedule_chunk(seq, num_new, out)
             budget -= num_new

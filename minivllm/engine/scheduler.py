@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.policy import SchedulingPolicy, make_policy
-from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.sequence import FINISHED, RUNNING, WAITING, Sequence
 
 
 @dataclass(slots=True, eq=False)  # built for every request every step: a plain slotted class is cheapest
@@ -50,12 +50,12 @@ class ScheduledChunk:
     def is_prefill(self) -> bool:
         """Prompt tokens, or several known tokens at once (a recompute); a decode is one generated
         token (plus its drafts)."""
-        return self.start < self.seq.num_prompt_tokens or self.num_new_tokens - len(self.draft_token_ids) > 1
+        return self.start < len(self.seq.prompt_token_ids) or self.num_new_tokens - len(self.draft_token_ids) > 1
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last known token, so the step samples its next one."""
-        return self.start + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft_token_ids) == len(self.seq.token_ids)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Scheduler:
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.WAITING
+        seq.status = WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -100,12 +100,12 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` (stop, length or abort), wherever it is, and release its blocks."""
-        if seq.status is SequenceStatus.RUNNING:
+        if seq.status is RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.status = SequenceStatus.FINISHED
+        seq.status = FINISHED
         seq.finish_reason = reason
 
     # ---- one step ------------------------------------------------------------------------
@@ -119,14 +119,15 @@ class Scheduler:
     def num_tokens_to_run(self, seq: Sequence) -> int:
         """The tokens a running ``seq`` has yet to run: one when it decodes, else the rest of its
         prompt (or of a recompute); plus the slots of its draft tokens with speculative decoding."""
-        return seq.num_tokens - seq.num_computed_tokens + self._num_draft_slots(seq)
+        todo = len(seq.token_ids) - seq.num_computed_tokens  # not seq.num_tokens: the hot path
+        return todo + self._num_draft_slots(seq) if self.num_speculative_tokens else todo
 
     def schedule_chunk(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Run the next ``num_new_tokens`` tokens of the running ``seq`` this step; the policy has
         checked `BlockManager.can_append`."""
-        if seq.status is not SequenceStatus.RUNNING:
+        if seq.status is not RUNNING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running: admit it first")
-        most = seq.num_tokens - seq.num_computed_tokens  # num_tokens_to_run, inlined: the hot path
+        most = len(seq.token_ids) - seq.num_computed_tokens  # num_tokens_to_run, inlined: the hot path
         if self.num_speculative_tokens:
             most += self._num_draft_slots(seq)
         if not 1 <= num_new_tokens <= most:
@@ -149,7 +150,7 @@ class Scheduler:
         """Move the waiting ``seq`` to the running list with its cached prefix blocks (from
         `BlockManager.find_cached_prefix`) and run its first ``num_new_tokens`` uncached tokens this
         step; the policy has checked `BlockManager.can_allocate`."""
-        if seq.status is not SequenceStatus.WAITING:
+        if seq.status is not WAITING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not waiting")
         uncached = seq.num_tokens - len(cached_blocks) * self.block_manager.block_size
         if not 1 <= num_new_tokens <= uncached:
@@ -160,20 +161,20 @@ class Scheduler:
         if seq.num_cached_tokens is None:  # first admission: the hit the request is credited with
             seq.num_cached_tokens = seq.num_computed_tokens
         self.block_manager.append_slots(seq, num_new_tokens)
-        seq.status = SequenceStatus.RUNNING
+        seq.status = RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new_tokens))
 
     def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free the running ``seq``'s blocks and put it back at the front of the waiting queue, to be
         recomputed later; its generated tokens are kept. Not a request already run this step."""
-        if seq.status is not SequenceStatus.RUNNING:
+        if seq.status is not RUNNING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running")
         if any(c.seq is seq for c in out.chunks):
             raise ValueError(f"seq={seq.request_id!r} already runs in this step: preempt it before scheduling it")
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
+        seq.status = WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -186,10 +187,14 @@ class Scheduler:
             if not chunk.draft_token_ids:
                 chunk.seq.num_computed_tokens = chunk.start + chunk.num_new_tokens
         for seq, tokens in sampled.items():
-            seq.token_ids += tokens if isinstance(tokens, list) else [tokens]
-        for chunk in out.chunks:
-            if chunk.draft_token_ids:
-                self._keep_accepted(chunk, len(sampled[chunk.seq]) - 1)
+            if isinstance(tokens, list):
+                seq.token_ids += tokens
+            else:
+                seq.token_ids.append(tokens)
+        if self.num_speculative_tokens:
+            for chunk in out.chunks:
+                if chunk.draft_token_ids:
+                    self._keep_accepted(chunk, len(sampled[chunk.seq]) - 1)
 
     def _keep_accepted(self, chunk: ScheduledChunk, num_accepted: int) -> None:
         """Keep the K/V of the chunk's known tokens and accepted drafts; give back the slots of the

@@ -7,6 +7,7 @@ simulator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
 from minivllm.distributed.records import RankComm
@@ -15,8 +16,7 @@ from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.engine.sequence import Sequence
 
 
-@dataclass(frozen=True, slots=True)  # one per request per step: slots make it cheaper to build
-class ChunkRecord:
+class ChunkRecord(NamedTuple):  # one per request per step: a named tuple is the cheapest immutable record
     request_id: str
     start: int  # first position computed this step
     num_tokens: int
@@ -26,6 +26,9 @@ class ChunkRecord:
     # sampled_token came after them (the bonus token if all were accepted, else the correction)
     draft_token_ids: tuple[int, ...] = ()
     num_accepted: int = 0
+
+
+_new_tuple = tuple.__new__  # builds a ChunkRecord from all its fields without its Python-level __new__
 
 
 @dataclass(frozen=True)
@@ -53,33 +56,33 @@ class BlockSnapshot:
         return refs
 
 
-# Each BlockManager's last snapshot. A table only grows while its request holds it (a preempted or
-# finished request drops out of the running list for at least one step), so a request whose table has
-# the same length as in the last snapshot reuses that tuple: a long run stores each table once per
-# block it gains, not once per step.
-_last_snapshot: WeakKeyDictionary = WeakKeyDictionary()
+# Each BlockManager's block tables at its last snapshot: request id -> (the tuple recorded, a list
+# copy to compare with). An unchanged table shares the previous step's tuple, so a long run stores
+# each table once per block it gains, not once per step; comparing with a list copy costs no new tuple.
+_last_tables: WeakKeyDictionary = WeakKeyDictionary()
 
 
 def snapshot_blocks(block_manager: BlockManager, running: list[Sequence], freed: list[int]) -> BlockSnapshot:
     """The block tables of ``running`` (the requests holding blocks) and which of the blocks ``freed``
     in this step still hold cached KV."""
     bm = block_manager
-    last = _last_snapshot.get(bm)
-    last_tables = dict(zip(last.request_ids, last.block_tables)) if last else {}
-    tables = []
+    last = _last_tables.get(bm, {})
+    tables: dict[str, tuple[tuple[int, ...], list[int]]] = {}
     for seq in running:
-        # an unchanged table shares the previous step's tuple; compare contents, not lengths: a
-        # speculative rollback can shrink a table and regrow it with other blocks in one step
-        table, current = last_tables.get(seq.request_id), tuple(seq.block_table)
-        tables.append(table if table == current else current)
-    snap = _last_snapshot[bm] = BlockSnapshot(
+        # compare contents, not lengths: a speculative rollback can shrink a table and regrow it
+        # with other blocks in one step
+        kept = last.get(seq.request_id)
+        if kept is None or kept[1] != seq.block_table:
+            kept = (tuple(seq.block_table), seq.block_table.copy())
+        tables[seq.request_id] = kept
+    _last_tables[bm] = tables
+    return BlockSnapshot(
         num_blocks=bm.num_blocks, block_size=bm.block_size,
-        request_ids=tuple(s.request_id for s in running),
-        num_tokens=tuple(s.num_computed_tokens for s in running),
-        block_tables=tuple(tables),
+        request_ids=tuple(tables),
+        num_tokens=tuple([s.num_computed_tokens for s in running]),
+        block_tables=tuple([kept[0] for kept in tables.values()]),
         freed_cached=tuple(b for b in dict.fromkeys(freed)  # a block may be freed twice in a step
                            if bm.blocks[b].ref_count == 0 and bm.blocks[b].block_hash is not None))
-    return snap
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def make_step_record(step: int, start_time: float, end_time: float, out: Schedul
                      running: list[Sequence], num_waiting: int) -> StepRecord:
     """The record of one step; ``running`` are the requests holding blocks after it."""
     events: BlockEvents = block_manager.drain_events()
-    chunks = tuple(_chunk_record(c, sampled.get(c.seq)) for c in out.chunks)
+    chunks = tuple([_chunk_record(c, sampled.get(c.seq)) for c in out.chunks])
     return StepRecord(
         step=step, start_time=start_time, end_time=end_time, chunks=chunks,
         preempted=tuple(s.request_id for s in out.preempted),
@@ -149,4 +152,6 @@ def _chunk_record(c: ScheduledChunk, sampled: int | list[int] | None) -> ChunkRe
     if isinstance(sampled, list):
         return ChunkRecord(c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled[-1],
                            c.draft_token_ids, len(sampled) - 1)
-    return ChunkRecord(c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled)
+    # the hot path (every request in every step): _new_tuple costs half of ChunkRecord(...)
+    return _new_tuple(ChunkRecord, (c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled, (), 0))
+
