@@ -56,7 +56,7 @@ class MultiprocExecutor:
         # workers need no block manager; a learner's class defined in a notebook could not be pickled
         worker_cfg = replace(cfg, block_manager_class=BlockManager)
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         first_device = dp_rank * len(self.layouts)
         self.processes: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
@@ -160,7 +160,8 @@ def shutdown_workers(processes: list, conns: list[Connection]) -> None:
         conn.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago: the rendezvous of a process group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -8,14 +8,14 @@ read from its trace: a Gantt chart of request lifetimes, the batch occupancy ove
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass
 
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from minivllm.engine.policy import BATCHING_POLICIES
 from minivllm.lab.base import Lab, LabError
+from minivllm.lab.experiment import SimExperiment
 from minivllm.sim import (HARDWARE, MODELS, PRESETS, Lengths, Metrics, RequestTimeline, SimConfig, SimResult,
                           Simulator, Workload, compute_metrics, get_hardware, get_model, request_timelines,
                           step_timeline)
@@ -69,26 +69,6 @@ def simulate(settings: BatchingSettings) -> BatchingRun:
     result = Simulator(settings.sim_config()).run(settings.workload().generate())
     return BatchingRun(settings, result, compute_metrics(result.trace, result.arrival_times),
                        request_timelines(result.trace, result.arrival_times))
-
-
-class SimExperiment:
-    """A lab's state over the simulator: the current settings and their simulated run
-    (``simulate(settings)``, whose result keeps its ``settings``). A change the simulator refuses
-    leaves both and becomes the widget's message."""
-
-    def __init__(self, simulate: Callable, settings):
-        self.simulate = simulate
-        self.run = simulate(settings)
-
-    @property
-    def settings(self):
-        return self.run.settings
-
-    def update(self, **changes) -> None:
-        try:
-            self.run = self.simulate(replace(self.settings, **changes))
-        except ValueError as e:  # the simulator's own refusal, shown in the widget
-            raise LabError(str(e)) from None
 
 
 # ---- drawing (also used directly by the chapter) ----------------------------------------------

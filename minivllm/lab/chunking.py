@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from minivllm.lab.base import Lab
-from minivllm.lab.batching import SimExperiment, metrics_html
+from minivllm.lab.batching import metrics_html
+from minivllm.lab.experiment import SimExperiment
 from minivllm.sim import (Lengths, Metrics, SimConfig, SimResult, Simulator, Workload, compute_metrics,
                           get_hardware, get_model, request_timelines, step_timeline)
 

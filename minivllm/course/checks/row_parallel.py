@@ -127,10 +127,10 @@ def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
     import time
     from multiprocessing.connection import wait
 
-    from minivllm.distributed.executor import _free_port, shutdown_workers
+    from minivllm.distributed.executor import free_port, shutdown_workers
 
     ctx = mp.get_context("spawn")
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     conns, procs = [], []
     for rank in range(ROW_PARALLEL_WORLD):
         parent, child = ctx.Pipe()
