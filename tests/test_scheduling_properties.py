@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+import pytest
 
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.scheduler import Scheduler
@@ -456,3 +457,22 @@ def test_prefix_hit_after_a_finished_request_is_exact(bs, chunked, caching, poli
     assert b.num_cached_tokens == expected_blocks * bs
     h.drain()
     assert h.seqs["r1"].output_token_ids == reference_output(tuple(prompt_b), new_b)
+
+
+def test_pop_free_blocks_takes_the_least_recently_freed_and_evicts_what_they_cached():
+    """Hand-checked: a request's blocks go back tail first, behind the never-used ones; taking five
+    blocks takes the never-used ones, then the tail, evicting only what was cached."""
+    bm = BlockManager(6, 2, enable_prefix_caching=True)
+    a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams())
+    bm.allocate(a, [])
+    bm.append_slots(a, 5)  # blocks 0, 1 (full, cached) and 2 (one token)
+    bm.free(a)  # free queue: 3, 4, 5, then the tail first: 2, 1, 0
+    bm.drain_events()
+    assert bm.pop_free_blocks(5) == [3, 4, 5, 2, 1]
+    events = bm.drain_events()
+    assert events.allocated == [3, 4, 5, 2, 1] and events.evicted == [1]
+    assert [bm.blocks[b].block_hash for b in (2, 1)] == [None, None]
+    assert bm.find_cached_prefix(Sequence("b", [1, 2, 9], SamplingParams())) == [0]  # block 0 still cached
+    assert bm.num_cached_free_blocks == 1
+    with pytest.raises(RuntimeError, match="2 blocks asked, 1 free"):
+        bm.pop_free_blocks(2)

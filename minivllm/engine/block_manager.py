@@ -137,18 +137,27 @@ class BlockManagerBase(abc.ABC):
     def pop_free_block(self) -> int:
         """Take the least recently freed block off the free queue, evict the cached contents it
         still holds, and return it empty. Its ref_count is 0: the caller takes the first reference."""
-        if not self.free_queue:
-            raise RuntimeError("no free block left: the scheduler asks can_allocate/can_append first")
-        block_id, _ = self.free_queue.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict the cached contents
-            if self.cached.get(block.block_hash) == block_id:
-                del self.cached[block.block_hash]
-            self.num_cached_free_blocks -= 1
-            self.events.evicted.append(block_id)
-        block.block_hash, block.token_ids = None, ()
-        self.events.allocated.append(block_id)
-        return block_id
+        return self.pop_free_blocks(1)[0]
+
+    def pop_free_blocks(self, n: int) -> list[int]:
+        """`pop_free_block` ``n`` times, in one call: a prompt takes dozens of blocks at once."""
+        if n > len(self.free_queue):
+            raise RuntimeError(f"{n} blocks asked, {len(self.free_queue)} free: the scheduler asks "
+                               "can_allocate/can_append first")
+        free_queue, blocks, cached, events = self.free_queue, self.blocks, self.cached, self.events
+        taken = []
+        for _ in range(n):
+            block_id, _ = free_queue.popitem(last=False)
+            block = blocks[block_id]
+            if block.block_hash is not None:  # evict the cached contents
+                if cached.get(block.block_hash) == block_id:
+                    del cached[block.block_hash]
+                self.num_cached_free_blocks -= 1
+                events.evicted.append(block_id)
+            block.block_hash, block.token_ids = None, ()
+            taken.append(block_id)
+        events.allocated += taken
+        return taken
 
     def revive_block(self, block_id: int) -> None:
         """Take a free block that still holds cached contents off the free queue: a cache hit on
@@ -261,10 +270,11 @@ class BlockManager(BlockManagerBase):
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         end = seq.num_computed_tokens + num_new_tokens
         bs, table = self.block_size, seq.block_table
-        while len(table) * bs < end:
-            block_id = self.pop_free_block()
-            self.blocks[block_id].ref_count = 1
-            table.append(block_id)
+        missing = -(-end // bs) - len(table)
+        if missing > 0:
+            for block_id in self.pop_free_blocks(missing):
+                self.blocks[block_id].ref_count = 1
+                table.append(block_id)
         # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
         known = len(seq.token_ids)
         filled = end if end < known else known
