@@ -119,7 +119,7 @@ class Scheduler:
     def num_tokens_to_run(self, seq: Sequence) -> int:
         """The tokens a running ``seq`` has yet to run: one when it decodes, else the rest of its
         prompt (or of a recompute); plus the slots of its draft tokens with speculative decoding."""
-        todo = len(seq.token_ids) - seq.num_computed_tokens  # not seq.num_tokens: the hot path
+        todo = len(seq.token_ids) - seq.num_computed_tokens  # not the num_tokens property: a hot path
         return todo + self._num_draft_slots(seq) if self.num_speculative_tokens else todo
 
     def schedule_chunk(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
@@ -127,9 +127,7 @@ class Scheduler:
         checked `BlockManager.can_append`."""
         if seq.status is not RUNNING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running: admit it first")
-        most = len(seq.token_ids) - seq.num_computed_tokens  # num_tokens_to_run, inlined: the hot path
-        if self.num_speculative_tokens:
-            most += self._num_draft_slots(seq)
+        most = self.num_tokens_to_run(seq)
         if not 1 <= num_new_tokens <= most:
             raise ValueError(f"num_new_tokens={num_new_tokens!r} must be in [1, {most}] for request {seq.request_id!r}")
         self.block_manager.append_slots(seq, num_new_tokens)

@@ -134,8 +134,8 @@ class SpecDecodeLab(Lab):
         for i, step in enumerate(s.decode_steps[:self.max_rows], 1):
             drafts = step.draft_token_ids
             spans = [_token_span(tok.decode([t]), "accepted") for t in drafts[:step.num_accepted]]
-            spans += [_token_span(tok.decode([t]), "rejected" if i == step.num_accepted else "unchecked")
-                      for i, t in enumerate(drafts) if i >= step.num_accepted]
+            spans += [_token_span(tok.decode([t]), "rejected" if j == step.num_accepted else "unchecked")
+                      for j, t in enumerate(drafts) if j >= step.num_accepted]
             if step.sampled_token is not None:
                 spans.append(_token_span(tok.decode([step.sampled_token]), step.added_kind))
             rows += (f"<tr><td>{i}</td><td>{len(drafts)}</td><td>{step.num_accepted}</td>"
