@@ -268,18 +268,16 @@ class BlockManager(BlockManagerBase):
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        end = seq.num_computed_tokens + num_new_tokens
-        bs, table = self.block_size, seq.block_table
+        start = seq.num_computed_tokens
+        end, bs, table = start + num_new_tokens, self.block_size, seq.block_table
         missing = -(-end // bs) - len(table)
         if missing > 0:
             for block_id in self.pop_free_blocks(missing):
                 self.blocks[block_id].ref_count = 1
                 table.append(block_id)
         # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
-        known = len(seq.token_ids)
-        filled = end if end < known else known
-        if self.enable_prefix_caching and filled // bs > seq.num_computed_tokens // bs:
-            self._register_full_blocks(seq, filled)
+        if self.enable_prefix_caching and end // bs > start // bs:
+            self._register_full_blocks(seq, min(end, len(seq.token_ids)))
 
     def free(self, seq: Sequence) -> None:
         # tail blocks are queued first so they are evicted first: a prefix is worth more to later

@@ -55,7 +55,8 @@ class ContinuousBatching(SchedulingPolicy):
         for seq in list(scheduler.running):  # a copy: preemption removes from the end
             if budget == 0 or seq.status is not RUNNING:
                 break  # out of budget, or seq was preempted and so was everyone after it
-            num_new = min(scheduler.num_tokens_to_run(seq), budget)
+            num_new = scheduler.num_tokens_to_run(seq)
+            num_new = num_new if num_new < budget else budget  # not min(): 8x dearer, once per request per step
             while seq.status is RUNNING and not bm.can_append(seq, num_new):
                 scheduler.preempt(scheduler.running[-1], out)
             if seq.status is not RUNNING:

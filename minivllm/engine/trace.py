@@ -31,7 +31,7 @@ class ChunkRecord(NamedTuple):  # one per request per step: a named tuple is the
 _new_tuple = tuple.__new__  # builds a ChunkRecord from all its fields without its Python-level __new__
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per step: slots keep a long trace small
 class BlockSnapshot:
     """Who holds which physical KV block after a step: what the Cinema (`minivllm.lab.cinema`) draws.
 
@@ -85,7 +85,7 @@ def snapshot_blocks(block_manager: BlockManager, running: list[Sequence], freed:
                            if bm.blocks[b].ref_count == 0 and bm.blocks[b].block_hash is not None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per step: slots keep a long trace small
 class StepRecord:
     step: int
     start_time: float

@@ -6,6 +6,10 @@ parts where both exist). ``step_overhead`` is the time a step costs besides the 
 preparation, its attention call, sampling); for the GPUs they are assumptions of the order a
 CUDA-graph engine reaches. "This CPU" is measured instead: `measure_this_cpu` times the real model
 runner on a model and fits the same numbers.
+
+The GPU profiles therefore predict a vLLM-class engine, not minivllm's own eager one. Measured on an
+H200 (Qwen3-0.6B shape, 256 requests of 512 + 128 tokens, Triton attention): minivllm took 50 ms a
+step, where the H200 profile predicts 3.7 ms; the roofline part is about 5 % of the real step.
 """
 from __future__ import annotations
 
