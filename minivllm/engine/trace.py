@@ -154,4 +154,3 @@ def _chunk_record(c: ScheduledChunk, sampled: int | list[int] | None) -> ChunkRe
                            c.draft_token_ids, len(sampled) - 1)
     # the hot path (every request in every step): _new_tuple costs half of ChunkRecord(...)
     return _new_tuple(ChunkRecord, (c.seq.request_id, c.start, c.num_new_tokens, c.is_prefill, sampled, (), 0))
-
