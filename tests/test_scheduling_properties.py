@@ -476,3 +476,26 @@ def test_pop_free_blocks_takes_the_least_recently_freed_and_evicts_what_they_cac
     assert bm.num_cached_free_blocks == 1
     with pytest.raises(RuntimeError, match="2 blocks asked, 1 free"):
         bm.pop_free_blocks(2)
+
+
+def test_release_blocks_frees_only_the_blocks_no_one_holds_any_more():
+    """Hand-checked: two requests share a cached prefix block; releasing one request's table keeps
+    the shared block, queues the others in the order given, and counts the cached one."""
+    bm = BlockManager(4, 2, enable_prefix_caching=True)
+    a = Sequence("a", [1, 2, 3], SamplingParams())
+    bm.allocate(a, [])
+    bm.append_slots(a, 3)  # blocks 0 (full, cached) and 1 (one token)
+    b = Sequence("b", [1, 2, 7], SamplingParams())
+    hits = bm.find_cached_prefix(b)
+    assert hits == [0]
+    bm.allocate(b, hits)
+    bm.append_slots(b, 1)  # block 2
+    bm.drain_events()
+    bm.release_blocks(a.block_table[::-1])
+    assert [bm.blocks[i].ref_count for i in range(4)] == [1, 0, 1, 0]
+    assert list(bm.free_queue) == [3, 1] and bm.drain_events().freed == [1]
+    assert bm.num_cached_free_blocks == 0  # block 1 was never full, so never cached
+    bm.release_blocks(b.block_table[::-1])
+    assert list(bm.free_queue) == [3, 1, 2, 0] and bm.num_cached_free_blocks == 1
+    with pytest.raises(ValueError, match="block_id=0 has no reference to drop"):
+        bm.release_blocks([0])

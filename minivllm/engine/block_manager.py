@@ -126,11 +126,7 @@ class BlockManagerBase(abc.ABC):
         if not 0 <= num_tokens <= len(seq.block_table) * self.block_size:
             raise ValueError(f"num_tokens={num_tokens!r} must be in [0, {len(seq.block_table) * self.block_size}]")
         keep = self.blocks_needed(num_tokens)
-        for block_id in reversed(seq.block_table[keep:]):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.push_free_block(block_id)
+        self.release_blocks(seq.block_table[keep:][::-1])  # tail first
         del seq.block_table[keep:]
 
     # ---- the free queue ------------------------------------------------------------------
@@ -144,19 +140,20 @@ class BlockManagerBase(abc.ABC):
         if n > len(self.free_queue):
             raise RuntimeError(f"{n} blocks asked, {len(self.free_queue)} free: the scheduler asks "
                                "can_allocate/can_append first")
-        free_queue, blocks, cached, events = self.free_queue, self.blocks, self.cached, self.events
-        taken = []
+        free_queue, blocks, cached = self.free_queue, self.blocks, self.cached
+        taken, evicted = [], []
         for _ in range(n):
-            block_id, _ = free_queue.popitem(last=False)
+            block_id, _ = free_queue.popitem(False)  # oldest first (a keyword costs more)
             block = blocks[block_id]
             if block.block_hash is not None:  # evict the cached contents
                 if cached.get(block.block_hash) == block_id:
                     del cached[block.block_hash]
-                self.num_cached_free_blocks -= 1
-                events.evicted.append(block_id)
+                evicted.append(block_id)
             block.block_hash, block.token_ids = None, ()
             taken.append(block_id)
-        events.allocated += taken
+        self.num_cached_free_blocks -= len(evicted)
+        self.events.evicted += evicted
+        self.events.allocated += taken
         return taken
 
     def revive_block(self, block_id: int) -> None:
@@ -166,6 +163,22 @@ class BlockManagerBase(abc.ABC):
             raise ValueError(f"block_id={block_id!r} is not a free cached block")
         del self.free_queue[block_id]
         self.num_cached_free_blocks -= 1
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Drop one reference to each of ``block_ids``, in order; a block that no request holds any
+        more goes to the end of the free queue, as with `push_free_block` (whose checks are implied
+        here: only a held block has a reference to drop, and a held block is never free)."""
+        blocks, free_queue, freed = self.blocks, self.free_queue, self.events.freed
+        for block_id in block_ids:
+            block = blocks[block_id]
+            if block.ref_count < 1:
+                raise ValueError(f"block_id={block_id!r} has no reference to drop")
+            block.ref_count -= 1
+            if block.ref_count == 0:  # by the invariant, not on the free queue yet
+                free_queue[block_id] = None
+                freed.append(block_id)
+                if block.block_hash is not None:
+                    self.num_cached_free_blocks += 1
 
     def push_free_block(self, block_id: int) -> None:
         """Queue a block whose ref_count fell to 0 (evicted last); a cached one stays hittable."""
@@ -282,12 +295,7 @@ class BlockManager(BlockManagerBase):
     def free(self, seq: Sequence) -> None:
         # tail blocks are queued first so they are evicted first: a prefix is worth more to later
         # requests than the tail that hangs from it
-        blocks = self.blocks
-        for block_id in reversed(seq.block_table):
-            block = blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.push_free_block(block_id)
+        self.release_blocks(seq.block_table[::-1])
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
