@@ -165,20 +165,17 @@ class BlockManagerBase(abc.ABC):
         self.num_cached_free_blocks -= 1
 
     def release_blocks(self, block_ids: list[int]) -> None:
-        """Drop one reference to each of ``block_ids``, in order; a block that no request holds any
-        more goes to the end of the free queue, as with `push_free_block` (whose checks are implied
-        here: only a held block has a reference to drop, and a held block is never free)."""
-        blocks, free_queue, freed = self.blocks, self.free_queue, self.events.freed
+        """Drop one reference to each of ``block_ids``, in order; the blocks that no request holds
+        any more go to the end of the free queue, in that order."""
+        blocks, unheld = self.blocks, []
         for block_id in block_ids:
             block = blocks[block_id]
             if block.ref_count < 1:
                 raise ValueError(f"block_id={block_id!r} has no reference to drop")
             block.ref_count -= 1
-            if block.ref_count == 0:  # by the invariant, not on the free queue yet
-                free_queue[block_id] = None
-                freed.append(block_id)
-                if block.block_hash is not None:
-                    self.num_cached_free_blocks += 1
+            if block.ref_count == 0:  # held until now, so not on the free queue (push_free_block's checks)
+                unheld.append(block_id)
+        self._queue_free(unheld)
 
     def push_free_block(self, block_id: int) -> None:
         """Queue a block whose ref_count fell to 0 (evicted last); a cached one stays hittable."""
@@ -187,9 +184,15 @@ class BlockManagerBase(abc.ABC):
         if self.blocks[block_id].ref_count != 0:
             raise ValueError(f"block_id={block_id!r} has ref_count {self.blocks[block_id].ref_count}: only a "
                              "block no request holds goes on the free queue")
-        self.free_queue[block_id] = None
-        self.num_cached_free_blocks += self.blocks[block_id].block_hash is not None
-        self.events.freed.append(block_id)
+        self._queue_free([block_id])
+
+    def _queue_free(self, block_ids: list[int]) -> None:
+        """Append unreferenced blocks to the free queue (evicted last); cached ones stay hittable."""
+        free_queue, blocks = self.free_queue, self.blocks
+        for block_id in block_ids:
+            free_queue[block_id] = None
+        self.num_cached_free_blocks += sum(1 for b in block_ids if blocks[b].block_hash is not None)
+        self.events.freed += block_ids
 
     def drain_events(self) -> BlockEvents:
         events, self.events = self.events, BlockEvents()
