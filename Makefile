@@ -1,17 +1,19 @@
 # `make run` and `make test` set everything up on a fresh clone (a .venv with the CPU build of torch
-# here; pip picks the right build elsewhere), then do their job.
+# here; pip picks the CUDA build on a GPU machine), then do their job. They install the exact versions
+# the suite last passed with (constraints.txt); `make test-latest` tries today's releases instead.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+LATEST_VENV ?= .venv-latest
 MODEL ?=
 PY := $(VENV)/bin/python
+# torch stays at the pinned release in test-latest too: a newer one is a several-GB CUDA build here.
+TORCH ?= $(shell grep '^torch==' constraints.txt)
 
-.PHONY: run test bench course notebooks
+.PHONY: run test test-latest constraints bench course notebooks
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -e ".[test]"
+$(VENV)/.installed: pyproject.toml constraints.txt
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,course]"
 	touch $@
 
 run: $(VENV)/.installed
@@ -19,19 +21,28 @@ run: $(VENV)/.installed
 
 # Unit tests, then every chapter notebook and solved exercise re-executed by nbval in strict mode
 # (outputs compared; the learner copies exercises/*.ipynb are not run: they stop at their skeletons).
-NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+PYTEST_ARGS := -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
+	tests notebooks exercises/solutions
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider $(NBVAL) tests notebooks exercises/solutions
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same tests on today's releases (torch aside), in a venv made anew each time.
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH)" -e ".[test,course]"
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Refresh constraints.txt from a green test-latest run (drop torch's local "+cpu" label, so that a
+# GPU machine gets the CUDA build of the same release).
+constraints: test-latest
+	{ echo "# What make test last passed with; refresh with make constraints (README)."; \
+	  $(LATEST_VENV)/bin/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//'; } > constraints.txt
 
 bench: $(VENV)/.installed
 	$(PY) -m minivllm.benchmarks.offline_throughput
 
-# The course in JupyterLab (installs jupyterlab into the venv once).
-$(VENV)/.jupyterlab: $(VENV)/.installed
-	$(VENV)/bin/pip install -q "jupyterlab>=4.2"
-	touch $@
-
-course: $(VENV)/.jupyterlab
+# The course in JupyterLab.
+course: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
 # Re-execute every chapter notebook and solved exercise in place (what gets committed), then

@@ -1,7 +1,11 @@
-"""A non-editable install ships every package: pyproject.toml lists each folder of minivllm/ that
-has an __init__.py (a package left out installs fine and fails only at import)."""
+"""Packaging: a non-editable install ships every package, and the repository's own folders never hide
+an installed package (pytest, python and python -m started in the root all put the root on sys.path)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -13,5 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "minivllm").rglob("__init__.py")}
-    found.add("minivllm.kernels")  # kernels/ is installed under this name through package-dir
+    found.add("minivllm.kernels")  # a namespace package on purpose: no __init__.py (see pyproject.toml)
     assert listed == found
+
+
+def test_repository_root_does_not_hide_hugging_faces_kernels_package():
+    """transformers imports Hugging Face's `kernels` when a model class loads; started in the root, a
+    `kernels/__init__.py` of ours would be found first and break every model (transformers 5.25)."""
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's `kernels` is not installed (transformers < 5.25 does not need it)")
+    script = textwrap.dedent("""
+        import kernels, torch
+        assert kernels.__file__ is not None and "site-packages" in kernels.__file__, kernels.__path__
+        from minivllm.kernels import reference  # ours, under its own name
+        from transformers import AutoModelForCausalLM
+        from minivllm.models.tiny import tiny_config
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+        assert logits.shape == (1, 3, model.config.vocab_size), logits.shape
+        print("ok", kernels.__file__)
+    """)
+    # `python -c` in the root puts the root first on sys.path, as a learner's shell or notebook would.
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("ok")
