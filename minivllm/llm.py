@@ -8,8 +8,8 @@ from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from minivllm.config import EngineConfig
-from minivllm.distributed.data_parallel import DataParallelEngine
+from minivllm.config.engine import EngineConfig
+from minivllm.engine.data_parallel import DataParallelEngine
 from minivllm.engine.llm_engine import LLMEngine, PromptType
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minivllm.spec_decode.metrics import SpecDecodeMetrics
+from minivllm.core.records import SpecDecodeMetrics
 
 
 @dataclass

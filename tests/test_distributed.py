@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import EngineConfig
-from minivllm.distributed.executor import WorkerError
+from minivllm.config.engine import EngineConfig
 from minivllm.distributed.layout import RankLayout
+from minivllm.executor.multiproc import WorkerError
 from minivllm.sim import Hardware, ModelSpec, ParallelLayout, plan_layout
 from tests.reference import compare_greedy
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from minivllm import LLM, LLMEngine, SamplingParams
-from minivllm.engine.scheduler import Scheduler
+from minivllm.core.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": list(range(1 + i, 1 + i + n))} for i, n in enumerate([3, 20, 45, 7, 90, 1])]

@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import EngineConfig
+from minivllm.config.engine import EngineConfig
+from minivllm.core.block_manager import BlockManager, BlockManagerBase, chain_hash
+from minivllm.core.policy import ContinuousBatching, StaticBatching
+from minivllm.core.sequence import SequenceStatus
 from minivllm.course import checks, exercises
 from minivllm.course.checks import base as check_base
 from minivllm.course.checks import block_manager as bm_checks
 from minivllm.course.checks import rejection_sampler as verify_checks
 from minivllm.course.checks import sampling as sampling_checks
 from minivllm.course.checks import scheduling_policy as policy_checks
-from minivllm.engine.block_manager import BlockManager, BlockManagerBase, chain_hash
-from minivllm.engine.policy import ContinuousBatching, StaticBatching
-from minivllm.engine.sequence import SequenceStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "exercises"
@@ -410,7 +410,7 @@ def test_block_manager_check_passes_the_engines_own(capsys):
     (NeverHashes, "after step 0: request r0's logical block 0 (block 0) is full but has no hash"),
     (LookupRaises, "step 0: find_cached_prefix() raised KeyError"),
     (LeavesOutFree, "the engine could not build your block manager: TypeError"),
-    (dict, "block_manager_class=<class 'dict'> must be a subclass of minivllm.engine.block_manager.BlockManagerBase"),
+    (dict, "block_manager_class=<class 'dict'> must be a subclass of minivllm.core.block_manager.BlockManagerBase"),
 ])
 def test_block_manager_check_rejects_a_flawed_manager(flawed, words, capsys):
     result = checks.check_block_manager(flawed)
@@ -532,7 +532,7 @@ def test_policy_check_passes_the_engines_own(capsys):
     (RaisesOnAdmission(), "in the engine, step 0: your policy raised ValueError: num_new_tokens=0 must be in [1, 22]"),
     (StaticBatching(), "in the simulator: your policy's output throughput is 419 tokens/s, no better than static "
                        "batching's 419"),
-    (ContinuousBatching, "policy=<class 'minivllm.engine.policy.ContinuousBatching'> must be an instance of a "
+    (ContinuousBatching, "policy=<class 'minivllm.core.policy.ContinuousBatching'> must be an instance of a "
                          "SchedulingPolicy subclass (pass an instance: ContinuousBatching())"),
 ])
 def test_policy_check_rejects_a_flawed_policy(flawed, words, capsys):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.engine.scheduler import ScheduledChunk
-from minivllm.engine.sequence import Sequence
+from minivllm.core.scheduler import ScheduledChunk
+from minivllm.core.sequence import Sequence
 from tests.reference import compare_greedy
 
 ARCHS = ["qwen3", "qwen2", "llama"]

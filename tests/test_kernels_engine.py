@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from minivllm import LLMEngine, SamplingParams  # noqa: E402
-from minivllm.config import EngineConfig  # noqa: E402
+from minivllm.config.engine import EngineConfig  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 SHARED = list(range(5, 35))  # 30 tokens: three full blocks of 8 are cached by the first request

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from minivllm import LLM, SamplingParams, course
+from minivllm.core.records import expected_tokens_per_step
 from minivllm.lab.spec import SpecDecodeLab
-from minivllm.spec_decode.metrics import expected_tokens_per_step
 
 PROMPT = "    def push(self, item):\n        self.items.append(item)\n\n    def pop(self):\n"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import ModelConfig
+from minivllm.config.model import ModelConfig
 from minivllm.models.loader import load_weights
 from minivllm.models.moe import Expert
 from minivllm.models.registry import build_model

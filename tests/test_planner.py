@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from minivllm.config.parallel import pipeline_stages
 from minivllm.sim import Hardware, ModelSpec, ParallelLayout, get_hardware, get_model, plan_layout
-from minivllm.sim.planner import pipeline_stages
 
 # d=4, 4 heads and 2 KV heads of 2, MLP 6, 3 layers, vocabulary 10, untied. Per layer: q, o 2*4*4*2 = 64,
 # k, v 2*4*2*2 = 32, norms 8 (attention 104) + MLP 3*4*6 = 72 = 176; embedding 40, LM head 40, final norm 4.

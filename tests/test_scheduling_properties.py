@@ -26,13 +26,13 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
-import pytest
 
-from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.scheduler import Scheduler
-from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.scheduler import Scheduler
+from minivllm.core.sequence import Sequence, SequenceStatus
 from minivllm.sampling_params import SamplingParams
 
 ALPHABET = 3  # a tiny vocabulary: prompts and outputs often share prefixes

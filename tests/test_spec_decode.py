@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams, course
+from minivllm.core.records import SpecDecodeMetrics
 from minivllm.course.checks import chi_square_pvalue
-from minivllm.spec_decode.metrics import SpecDecodeMetrics
 from tests.test_spec_decode_units import argmax_agreement_verifier
 
 PROMPTS = ["the engine schedules every request", "def class return import for while",

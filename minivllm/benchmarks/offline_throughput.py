@@ -182,8 +182,9 @@ def main(argv=None) -> None:
             from minivllm.models.tiny import save_tiny_checkpoint
             folder = save_tiny_checkpoint(tmp, args.arch, args.seed, **BENCH_MODEL)
             model_desc = f"tiny random {args.arch} (" + ", ".join(f"{k}={v}" for k, v in BENCH_MODEL.items()) + ")"
-        from minivllm.config import ModelConfig
         from transformers import AutoTokenizer
+
+        from minivllm.config.model import ModelConfig
 
         mc = ModelConfig.from_folder(folder)
         tok = AutoTokenizer.from_pretrained(folder)

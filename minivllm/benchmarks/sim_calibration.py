@@ -18,13 +18,86 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import platform
+import time
 
 import torch
 
 from minivllm import LLM, SamplingParams, course
-from minivllm.engine.trace import StepRecord
-from minivllm.sim import Lengths, ModelSpec, SimConfig, Simulator, Workload, measure_this_cpu
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
+from minivllm.core.sequence import Sequence
+from minivllm.core.trace import StepRecord
+from minivllm.sim import CostModel, Hardware, Lengths, ModelSpec, SimConfig, Simulator, Workload
+from minivllm.worker.model_runner import ModelRunner
+
+
+def measure_this_cpu(model_folder: str | None = None, *, prefill_tokens: int = 256, batch: int = 16,
+                     repeats: int = 3) -> Hardware:
+    """Time the real model runner (float32, CPU) on ``model_folder`` (default: the course's target
+    model) and express this CPU as a `Hardware` (the fastest of ``repeats`` runs of each probe):
+
+    * ``step_overhead``: a one-token decode step, whose model work is negligible;
+    * ``flops["fp32"]``: the FLOPs of a ``prefill_tokens``-token prefill (`CostModel.step_flops`)
+      over its time beyond the step overhead;
+    * ``seq_overhead``: a decode step of ``batch`` requests (contexts spread from 16 to
+      ``prefill_tokens``), beyond the step overhead and its FLOPs, per request;
+    * ``memory_bandwidth``: a 128 MiB tensor copy (bytes read + written per second).
+
+    Takes a few seconds."""
+    if not isinstance(prefill_tokens, int) or prefill_tokens < 16:
+        raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an int >= 16")
+    if not isinstance(batch, int) or batch < 2:
+        raise ValueError(f"batch={batch!r} must be an int >= 2")
+    folder = model_folder or course.model_path("target")
+    mc = ModelConfig.from_folder(folder)
+    if prefill_tokens > mc.max_position_embeddings:
+        raise ValueError(f"prefill_tokens={prefill_tokens} exceeds the model's max_position_embeddings="
+                         f"{mc.max_position_embeddings}")
+    contexts = [16 + (prefill_tokens - 16) * i // (batch - 1) for i in range(batch)]
+    num_blocks = sum(-(-c // 16) for c in contexts) + prefill_tokens // 16 + 1
+    cfg = EngineConfig(model=folder, device="cpu", dtype="float32", block_size=16, num_kv_blocks=num_blocks)
+    runner = ModelRunner(cfg, mc, folder, mc.max_position_embeddings)
+    spec = ModelSpec.from_folder(folder)
+    cost = CostModel(spec, Hardware("probe", 1.0, 1.0, {"fp32": 1.0}), "fp32")
+
+    def best_time(chunks: list[tuple[int, int]]) -> float:
+        """Fastest run of one step of (start, num_new_tokens) chunks, one request each."""
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            bm = BlockManager(num_blocks, 16, enable_prefix_caching=False)
+            scheduled = []
+            for i, (start, n) in enumerate(chunks):
+                seq = Sequence(f"probe{i}", [1] * (start + n), SamplingParams(max_tokens=1))
+                bm.append_slots(seq, start + n)
+                scheduled.append(ScheduledChunk(seq, start, n))
+            t0 = time.perf_counter()
+            runner.execute(SchedulerOutput(scheduled))
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    def flops(chunks: list[tuple[int, int]]) -> float:
+        pairs = sum(n * (2 * s + n + 1) / 2 for s, n in chunks)
+        return cost.step_flops(sum(n for _, n in chunks), len(chunks), pairs)
+
+    overhead = best_time([(0, 1)])
+    prefill = [(0, prefill_tokens)]
+    peak = flops(prefill) / max(best_time(prefill) - overhead, 1e-9)
+    decodes = [(c - 1, 1) for c in contexts]
+    per_seq = (best_time(decodes) - overhead - flops(decodes) / peak) / (batch - 1)
+    src = torch.ones(32 * 2**20)  # 128 MiB, beyond any cache
+    dst = torch.empty_like(src)
+    copies = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copies.append(time.perf_counter() - t0)
+    bandwidth = 2 * src.numel() * src.element_size() / min(copies[1:])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware("this CPU", float(memory), bandwidth, {"fp32": peak}, 0.0, overhead, max(per_seq, 0.0))
 
 
 def schedule_of(trace: list[StepRecord]) -> list[tuple]:

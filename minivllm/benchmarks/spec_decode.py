@@ -26,7 +26,7 @@ import torch
 
 from minivllm import LLM, SamplingParams, course
 from minivllm.benchmarks.offline_throughput import cpu_model, load_average
-from minivllm.spec_decode.metrics import SpecDecodeMetrics, expected_tokens_per_step
+from minivllm.core.records import SpecDecodeMetrics, expected_tokens_per_step
 
 SOURCE_MODULES = ("textwrap", "json.decoder", "json.encoder", "argparse", "dataclasses", "shlex",
                   "fractions", "statistics", "heapq", "bisect", "calendar", "csv", "difflib",

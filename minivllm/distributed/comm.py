@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from minivllm.distributed.records import CollectiveCount
+from minivllm.core.records import CollectiveCount
 
 # torch.distributed function -> (the op it is counted as, position of the payload argument)
 COUNTED = {"all_reduce": ("all_reduce", 0), "all_gather": ("all_gather", 1), "broadcast": ("broadcast", 0),

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minivllm.config import EngineConfig, ModelConfig
-from minivllm.sim.planner import pipeline_stages
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.config.parallel import pipeline_stages
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from minivllm.core.scheduler import ScheduledChunk
 from minivllm.distributed.layout import RankLayout
-from minivllm.engine.scheduler import ScheduledChunk
 
 
 def split_micro_batches(chunks: list[ScheduledChunk], pp_size: int) -> list[list[ScheduledChunk]]:

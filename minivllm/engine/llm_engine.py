@@ -6,16 +6,17 @@ import time
 from dataclasses import replace
 from typing import Union
 
-from minivllm.config import EngineConfig, ModelConfig
-from minivllm.distributed.executor import make_executor
-from minivllm.engine.scheduler import Scheduler
-from minivllm.engine.sequence import Sequence
-from minivllm.engine.step import run_step
-from minivllm.engine.trace import StepRecord
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.core.scheduler import Scheduler
+from minivllm.core.sequence import Sequence
+from minivllm.core.step import run_step
+from minivllm.core.trace import StepRecord
+from minivllm.executor.multiproc import make_executor
 from minivllm.models.loader import resolve_model_folder
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from minivllm.spec_decode.decoder import SpeculativeDecoder
 from minivllm.sampling_params import SamplingParams
+from minivllm.spec_decode.decoder import SpeculativeDecoder
 
 logger = logging.getLogger("minivllm")
 

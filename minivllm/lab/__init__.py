@@ -5,6 +5,9 @@ ipywidgets whose callbacks only update widget attributes (they never print), sho
 settings as a message inside the widget, and offers methods a notebook calls from code so the
 executed notebook records a meaningful state.
 
+Each lab loads on first use (`minivllm.lab.BatchingLab` imports `minivllm.lab.batching` only): the
+simulator's labs and the Cinema need no torch.
+
 | chapter | lab |
 |---|---|
 | 00 | `KVMemoryLab`: KV-cache memory of real models on real GPUs |
@@ -16,16 +19,26 @@ executed notebook records a meaningful state.
 | 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
 """
-from minivllm.lab.base import Lab, LabError, error_html, figure_png
-from minivllm.lab.batching import BatchingLab
-from minivllm.lab.chunking import ChunkingLab
-from minivllm.lab.cinema import CinemaLab
-from minivllm.lab.engine_stepper import EngineStepper, EngineStepperLab
-from minivllm.lab.kv_memory import KVMemoryLab, KVMemoryPlan
-from minivllm.lab.parallel import ParallelLab
-from minivllm.lab.roofline import AttentionRooflineLab
-from minivllm.lab.spec import SpecDecodeLab, SpecRun
+from __future__ import annotations
 
-__all__ = ["Lab", "LabError", "error_html", "figure_png", "AttentionRooflineLab", "BatchingLab", "ChunkingLab",
-           "CinemaLab", "EngineStepper", "EngineStepperLab", "KVMemoryLab", "KVMemoryPlan",
-           "ParallelLab", "SpecDecodeLab", "SpecRun"]
+import importlib
+
+_LAZY = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png": "base",
+         "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
+         "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
+         "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "ParallelLab": "parallel",
+         "SpecDecodeLab": "spec", "SpecRun": "spec"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minivllm.lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"minivllm.lab.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from minivllm.engine.policy import BATCHING_POLICIES
+from minivllm.core.policy import BATCHING_POLICIES
 from minivllm.lab.base import Lab, LabError
 from minivllm.lab.experiment import SimExperiment
 from minivllm.sim import (HARDWARE, MODELS, PRESETS, Lengths, Metrics, RequestTimeline, SimConfig, SimResult,

@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from minivllm.engine.trace import StepRecord
+from minivllm.core.trace import StepRecord
 from minivllm.lab.base import Lab, LabError
 
 MAX_DRAWN_BLOCKS = 512  # a bigger grid is unreadable (and slow to draw); build the engine with num_kv_blocks

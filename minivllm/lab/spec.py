@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
+from minivllm.config.speculative import METHODS
+from minivllm.core.records import SpecDecodeMetrics, expected_tokens_per_step
 from minivllm.lab.base import Lab, LabError
 from minivllm.llm import LLM
 from minivllm.sampling_params import SamplingParams
-from minivllm.spec_decode.config import METHODS
-from minivllm.spec_decode.metrics import SpecDecodeMetrics, expected_tokens_per_step
 
 COLORS = {"accepted": "#2e7d32", "rejected": "#c62828", "unchecked": "#9e9e9e", "bonus": "#1565c0",
           "correction": "#ef6c00", "plain": "#444444"}

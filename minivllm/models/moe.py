@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minivllm.config import ModelConfig
+from minivllm.config.model import ModelConfig
 from minivllm.distributed.parallel_state import tensor_parallel_group
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear

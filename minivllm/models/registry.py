@@ -1,7 +1,7 @@
 """Which Hugging Face architecture is served by which model class."""
 from __future__ import annotations
 
-from minivllm.config import ModelConfig
+from minivllm.config.model import ModelConfig
 from minivllm.models.llama import DecoderForCausalLM, Variant
 
 ARCHITECTURES: dict[str, Variant] = {

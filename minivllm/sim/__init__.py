@@ -1,5 +1,6 @@
 """The simulator: the real Scheduler and BlockManager in virtual time, a roofline cost model of a
-named GPU (or of this CPU) instead of a model runner. No torch, except in `measure_this_cpu`.
+named GPU (or of this CPU, `minivllm.benchmarks.sim_calibration.measure_this_cpu`) instead of a model
+runner. No torch: `tests/test_layers.py` imports it and runs it with torch unimportable.
 
     from minivllm.sim import SimConfig, Simulator, get_hardware, get_model, preset, compute_metrics
     sim = Simulator(SimConfig(get_model("Llama-3.1-8B"), get_hardware("H100-SXM")))
@@ -7,7 +8,7 @@ named GPU (or of this CPU) instead of a model runner. No torch, except in `measu
     print(compute_metrics(result.trace, result.arrival_times).table())
 """
 from minivllm.sim.cost_model import CostModel
-from minivllm.sim.hardware import HARDWARE, Hardware, get_hardware, measure_this_cpu
+from minivllm.sim.hardware import HARDWARE, Hardware, get_hardware
 from minivllm.sim.metrics import (SLO, LatencyStats, Metrics, RequestTimeline, Timeline, compute_metrics,
                                   request_timelines, step_timeline)
 from minivllm.sim.model_specs import MODELS, ModelSpec, get_model
@@ -15,7 +16,7 @@ from minivllm.sim.planner import Communication, LayoutPlan, ParallelLayout, plan
 from minivllm.sim.simulator import SimConfig, SimResult, Simulator
 from minivllm.sim.workload import PRESETS, Lengths, Request, Workload, preset
 
-__all__ = ["CostModel", "HARDWARE", "Hardware", "get_hardware", "measure_this_cpu", "SLO", "LatencyStats",
+__all__ = ["CostModel", "HARDWARE", "Hardware", "get_hardware", "SLO", "LatencyStats",
            "Metrics", "RequestTimeline", "Timeline", "compute_metrics", "request_timelines", "step_timeline",
            "MODELS", "ModelSpec", "get_model", "Communication", "LayoutPlan", "ParallelLayout",
            "plan_layout", "SimConfig", "SimResult", "Simulator", "PRESETS", "Lengths",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivllm.engine.trace import StepRecord
+from minivllm.core.trace import StepRecord
 
 
 @dataclass(frozen=True)

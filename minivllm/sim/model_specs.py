@@ -140,7 +140,7 @@ class ModelSpec:
     def from_folder(cls, folder: str, name: str | None = None) -> "ModelSpec":
         """The shape of a local checkpoint, read from its ``config.json`` by the engine's own
         `ModelConfig` (which imports torch: imported here only)."""
-        from minivllm.config import ModelConfig
+        from minivllm.config.model import ModelConfig
 
         mc = ModelConfig.from_folder(folder)
         return cls(name or os.path.basename(os.path.normpath(folder)), mc.vocab_size, mc.hidden_size,

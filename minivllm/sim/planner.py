@@ -41,7 +41,7 @@ GPU sends over its link for it. Calls per step are ``m`` times the calls per mic
     ep all_to_all    2 * MoE layers of L_s    t / tp * k * d * b             payload * (ep-1) / ep    (uniform)
     cp send          (cp-1) * L_s             t * 2 * K_gpu * h * b          payload                  (ring pass-KV)
 
-``op`` is named as `minivllm.distributed.records.CollectiveCount.op` names the engine's measured
+``op`` is named as `minivllm.core.records.CollectiveCount.op` names the engine's measured
 collectives, whose bytes are payloads too.
 
 Tensor parallel does two all-reduces per layer (after the attention's o projection and after the
@@ -67,6 +67,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from minivllm.config.parallel import pipeline_stages
 from minivllm.sim.cost_model import CostModel
 from minivllm.sim.hardware import DTYPE_BYTES, Hardware
 from minivllm.sim.model_specs import ModelSpec
@@ -224,17 +225,6 @@ class LayoutPlan:
                     f"us against {compute:.1f} us of compute per token.{advice}")
         return (f"{where}: fits: {capacity}; communication {comm:.1f} us per token against {compute:.1f} us "
                 "of compute at full load")
-
-
-def pipeline_stages(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Layers per stage: ``num_layers // pp`` each, the remainder one each on the stages before the
-    last, from the second-to-last backwards (vLLM's `get_pp_indices`)."""
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"ParallelLayout.pp={pp} must be between 1 and the model's num_layers={num_layers}")
-    stages = [num_layers // pp] * pp
-    for i in range(2, num_layers % pp + 2):
-        stages[-i] += 1
-    return tuple(stages)
 
 
 def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:

@@ -1,7 +1,7 @@
 """The engine in virtual time: the real Scheduler and BlockManager, a cost model instead of a GPU.
 
 `Simulator.run` feeds a workload's requests to the scheduler as the virtual clock reaches their
-arrival times and runs the engine's own step (`minivllm.engine.step.run_step`): the scheduler
+arrival times and runs the engine's own step (`minivllm.core.step.run_step`): the scheduler
 decides, the cost model says how long the step took, every sampled token is a dummy, and a request
 ends at its workload output length (as with ``ignore_eos``). The trace is a list of the same
 `StepRecord` the real engine writes.
@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.policy import SchedulingPolicy, make_policy
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
-from minivllm.engine.sequence import Sequence
-from minivllm.engine.step import run_step
-from minivllm.engine.trace import StepRecord
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.policy import SchedulingPolicy, make_policy
+from minivllm.core.scheduler import Scheduler, SchedulerOutput
+from minivllm.core.sequence import Sequence
+from minivllm.core.step import run_step
+from minivllm.core.trace import StepRecord
 from minivllm.sampling_params import SamplingParams
 from minivllm.sim.cost_model import CostModel
 from minivllm.sim.hardware import Hardware

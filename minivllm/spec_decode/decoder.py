@@ -7,13 +7,15 @@ from dataclasses import replace
 
 import torch
 
-from minivllm.config import EngineConfig, ModelConfig
-from minivllm.engine.block_manager import BlockManagerBase
-from minivllm.engine.scheduler import SchedulerOutput
-from minivllm.engine.sequence import Sequence
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.config.speculative import SpeculativeConfig
+from minivllm.core.block_manager import BlockManagerBase
+from minivllm.core.scheduler import SchedulerOutput
+from minivllm.core.sequence import Sequence
 from minivllm.spec_decode import rejection_sampler
-from minivllm.spec_decode.config import SpeculativeConfig
 from minivllm.spec_decode.draft_model import DraftModelProposer
+from minivllm.spec_decode.ngram import NgramProposer
 from minivllm.worker.model_runner import ModelRunner
 from minivllm.worker.sampler import Sampler
 from minivllm.worker.step_batch import flatten_chunks
@@ -26,7 +28,8 @@ class SpeculativeDecoder:
                  target: ModelRunner, block_manager: BlockManagerBase, max_model_len: int):
         self.target, self.block_manager = target, block_manager
         self.verify = rejection_sampler.rejection_sample  # exercise 07 swaps in the learner's
-        self.ngram = spec.ngram_proposer() if spec.method == "ngram" else None
+        self.ngram = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
+                      if spec.method == "ngram" else None)
         self.draft = (DraftModelProposer(spec.model, config, target_model, target.num_blocks, max_model_len)
                       if spec.method == "draft_model" else None)
 

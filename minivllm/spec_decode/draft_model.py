@@ -16,9 +16,10 @@ from dataclasses import replace
 
 import torch
 
-from minivllm.config import EngineConfig, ModelConfig
-from minivllm.engine.scheduler import ScheduledChunk
-from minivllm.engine.sequence import Sequence
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.core.scheduler import ScheduledChunk
+from minivllm.core.sequence import Sequence
 from minivllm.models.loader import resolve_model_folder
 from minivllm.worker.model_runner import ModelRunner
 from minivllm.worker.sampler import Sampler

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minivllm.config.speculative import check_ngram_sizes
+
 
 @dataclass(frozen=True)
 class NgramProposer:
@@ -16,13 +18,7 @@ class NgramProposer:
     prompt_lookup_min: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= "
-                             f"prompt_lookup_max={self.prompt_lookup_max}")
+        check_ngram_sizes(self.num_speculative_tokens, self.prompt_lookup_max, self.prompt_lookup_min)
 
     def propose(self, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
         """Tokens that followed the most recent earlier occurrence of the longest matching suffix of

@@ -5,7 +5,8 @@ import logging
 
 import torch
 
-from minivllm.config import EngineConfig, ModelConfig
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
 from minivllm.distributed.layout import RankLayout
 
 logger = logging.getLogger("minivllm")

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minivllm.config import EngineConfig, ModelConfig, resolve_dtype
-from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from minivllm.engine.sequence import Sequence
+from minivllm.config.engine import EngineConfig, resolve_dtype
+from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
+from minivllm.core.sequence import Sequence
 from minivllm.distributed.comm import smallest_across_ranks
 from minivllm.distributed.layout import RankLayout
 from minivllm.layers.attention import Attention, AttentionMetadata, build_attention_group, build_paged_batch
@@ -50,7 +51,7 @@ def split_by_context_length(entries: list[tuple], min_group: int = 8, max_paddin
 class ModelRunner:
     """The model, its KV cache and the sampler of one rank (the whole model when ``layout`` is the
     default single rank). In tensor parallel every rank runs the same batch on its shard; in pipeline
-    parallel a rank holds its stage's layers, and `minivllm.distributed.worker` passes the hidden
+    parallel a rank holds its stage's layers, and `minivllm.executor.worker_proc` passes the hidden
     states between stages."""
 
     last_comm: tuple = ()  # the step's collectives, per rank: none in one process (see minivllm.distributed)
@@ -59,7 +60,7 @@ class ModelRunner:
                  layout: RankLayout = RankLayout()):
         self.cfg, self.mc, self.layout = cfg, mc, layout
         self.device = cfg.torch_device
-        self.dtype = resolve_dtype(cfg.dtype, mc.torch_dtype, self.device)
+        self.dtype = resolve_dtype(cfg.dtype, mc.dtype, self.device)
         self.block_size = cfg.block_size
         self.attention_backend = cfg.resolved_attention_backend
         default_dtype = torch.get_default_dtype()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minivllm.engine.scheduler import ScheduledChunk
+from minivllm.core.scheduler import ScheduledChunk
 from minivllm.sampling_params import SamplingParams
 
 # (first row in the flat batch, query length, context length, block table) of one sequence

@@ -43,7 +43,7 @@ class BlockManagerRun:
 
 def _learner_method(cls: type, exc: BaseException) -> str:
     """The innermost method of ``cls`` (not of `BlockManagerBase`) that ``exc`` passed through."""
-    from minivllm.engine.block_manager import BlockManagerBase
+    from minivllm.core.block_manager import BlockManagerBase
 
     own = {f.__code__: name for c in cls.__mro__ if c not in BlockManagerBase.__mro__
            for name, f in vars(c).items() if inspect.isfunction(f)}
@@ -93,8 +93,8 @@ def _run_workload(cls: type, stock: BlockManagerRun | None = None) -> BlockManag
 def check_block_state(bm, seqs: dict, step: int) -> None:
     """Finished and waiting requests hold no blocks; the running ones pass the invariant check of
     `BlockManagerBase` (called on the base, so a subclass cannot replace it)."""
-    from minivllm.engine.block_manager import BlockManagerBase
-    from minivllm.engine.sequence import SequenceStatus
+    from minivllm.core.block_manager import BlockManagerBase
+    from minivllm.core.sequence import SequenceStatus
 
     for rid, seq in seqs.items():
         state = {SequenceStatus.FINISHED: "has finished",
@@ -148,7 +148,7 @@ def _compare_step(mine: list, stock: list, step: int, num_blocks: int) -> None:
 @functools.lru_cache(maxsize=1)
 def stock_block_manager_run() -> BlockManagerRun:
     """The workload run by the stock `BlockManager`: the reference, computed once per process."""
-    from minivllm.engine.block_manager import BlockManager
+    from minivllm.core.block_manager import BlockManager
 
     run = _run_workload(BlockManager)
     if not (run.num_preemptions and run.num_cache_hits):

@@ -127,7 +127,7 @@ def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
     import time
     from multiprocessing.connection import wait
 
-    from minivllm.distributed.executor import free_port, shutdown_workers
+    from minivllm.executor.multiproc import free_port, shutdown_workers
 
     ctx = mp.get_context("spawn")
     init_method = f"tcp://127.0.0.1:{free_port()}"

@@ -4,10 +4,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from minivllm.core.policy import SchedulingPolicy
 from minivllm.course.checks.base import (
     check_model_folder, CheckFailed, CheckResult, quiet_engine_logs, run_stages, token_mismatch)
 from minivllm.course.checks.block_manager import check_block_state
-from minivllm.engine.policy import SchedulingPolicy
 from minivllm.sampling_params import SamplingParams
 
 # The engine workload: eight requests in two waves, four at most running, a 24-token budget (the
@@ -121,7 +121,7 @@ def _run_engine_policy(policy, stock: PolicyRun | None = None) -> PolicyRun:
 @functools.lru_cache(maxsize=1)
 def stock_policy_engine_run() -> PolicyRun:
     """The engine workload under the stock continuous policy: the reference, computed once per process."""
-    from minivllm.engine.policy import ContinuousBatching
+    from minivllm.core.policy import ContinuousBatching
 
     run = _run_engine_policy(ContinuousBatching())
     if not (run.num_preemptions and run.num_chunked_prefills):

@@ -14,14 +14,15 @@ import weakref
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
-from minivllm.config import EngineConfig, ModelConfig
-from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.scheduler import SchedulerOutput
-from minivllm.engine.sequence import Sequence
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.records import RankComm
+from minivllm.core.scheduler import SchedulerOutput
+from minivllm.core.sequence import Sequence
 from minivllm.distributed.layout import check_parallel_sizes, replica_layouts
 from minivllm.distributed.pipeline import split_micro_batches
-from minivllm.distributed.records import RankComm
-from minivllm.distributed.worker import run_worker
+from minivllm.executor.worker_proc import run_worker
 from minivllm.worker.step_batch import flatten_chunks
 
 SHUTDOWN_GRACE_S = 5.0  # how long closing waits for workers to leave on their own

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from minivllm.spec_decode.ngram import NgramProposer
-
 METHODS = ("ngram", "draft_model")
 
 
@@ -32,7 +30,7 @@ class SpeculativeConfig:
             if self.model is not None:
                 raise ValueError(f"speculative_config.model={self.model!r} is only for method='draft_model'")
             try:
-                self.ngram_proposer()
+                check_ngram_sizes(k, self.prompt_lookup_max, self.prompt_lookup_min)
             except ValueError as e:
                 raise ValueError(f"speculative_config.{e}") from None
 
@@ -49,5 +47,12 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config.{key} is required")
         return cls(**raw)
 
-    def ngram_proposer(self) -> NgramProposer:
-        return NgramProposer(self.num_speculative_tokens, self.prompt_lookup_max, self.prompt_lookup_min)
+
+def check_ngram_sizes(num_speculative_tokens: int, prompt_lookup_max: int, prompt_lookup_min: int) -> None:
+    """The n-gram proposer's sizes (`minivllm.spec_decode.ngram.NgramProposer` checks them here too)."""
+    for name, value in (("num_speculative_tokens", num_speculative_tokens),
+                        ("prompt_lookup_min", prompt_lookup_min), ("prompt_lookup_max", prompt_lookup_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if prompt_lookup_min > prompt_lookup_max:
+        raise ValueError(f"prompt_lookup_min={prompt_lookup_min} must be <= prompt_lookup_max={prompt_lookup_max}")

@@ -12,7 +12,7 @@ Pure Python, no torch. Every step the scheduler hands out a token budget
 * ``static``: no request joins until the whole running batch has finished; the baseline that
   continuous batching is measured against.
 
-Those decisions are a `SchedulingPolicy` (`minivllm.engine.policy`): the Scheduler keeps the queues
+Those decisions are a `SchedulingPolicy` (`minivllm.core.policy`): the Scheduler keeps the queues
 and makes the moves the policy asks for (`schedule_chunk`, `admit`, `preempt`); exercise 04 plugs in
 a learner's policy through ``batching_policy``.
 
@@ -31,9 +31,9 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.policy import SchedulingPolicy, make_policy
-from minivllm.engine.sequence import FINISHED, RUNNING, WAITING, Sequence
+from minivllm.core.block_manager import BlockManager
+from minivllm.core.policy import SchedulingPolicy, make_policy
+from minivllm.core.sequence import FINISHED, RUNNING, WAITING, Sequence
 
 
 @dataclass(slots=True, eq=False)  # built for every request every step: a plain slotted class is cheapest

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from minivllm.config import EngineConfig
+from minivllm.config.engine import EngineConfig
+from minivllm.core.sequence import Sequence
 from minivllm.engine.llm_engine import LLMEngine, PromptType
-from minivllm.engine.sequence import Sequence
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 

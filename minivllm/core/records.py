@@ -1,8 +1,36 @@
-"""Per-request speculative decoding counters (pure Python: the scheduler updates them)."""
+"""The records the core carries for the layers above it (pure Python, no torch): what each rank
+sent and received in a step (the communication part of the step trace, filled in by the distributed
+workers) and each request's speculative-decoding counters (updated by the scheduler)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import zip_longest
+
+
+@dataclass(frozen=True)
+class CollectiveCount:
+    """``calls`` to one collective in a step, and the payload ``bytes`` this rank handed to them:
+    the tensor reduced (all_reduce), this rank's own shard (all_gather), the tensor sent or received
+    (send, recv). Not the bytes a ring algorithm puts on the wire (an all-reduce of S bytes over n
+    ranks moves about 2 (n - 1) / n x S per rank)."""
+
+    op: str
+    calls: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RankComm:
+    rank: int  # within its data-parallel replica: pp_rank * tp_size + tp_rank
+    tp_rank: int
+    pp_rank: int
+    collectives: tuple[CollectiveCount, ...]  # sorted by op
+
+    def calls(self, op: str) -> int:
+        return sum(c.calls for c in self.collectives if c.op == op)
+
+    def bytes(self, op: str) -> int:
+        return sum(c.bytes for c in self.collectives if c.op == op)
 
 
 def expected_tokens_per_step(alpha: float, k: int) -> float:

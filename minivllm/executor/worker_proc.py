@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from minivllm.config import EngineConfig, ModelConfig
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
 from minivllm.distributed.comm import as_records, count_collectives
 from minivllm.distributed.layout import RankLayout
 from minivllm.distributed.parallel_state import init_tensor_parallel_groups

@@ -23,7 +23,7 @@ import abc
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from minivllm.engine.sequence import Sequence
+from minivllm.core.sequence import Sequence
 
 
 @dataclass(slots=True)  # one per KV block, touched on every allocation: slots are faster

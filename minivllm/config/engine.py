@@ -1,20 +1,18 @@
-"""Engine and model configuration, validated when built."""
+"""The engine's configuration (`LLM(model, **kwargs)`), validated when built."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
-from minivllm.engine.block_manager import BlockManager, BlockManagerBase
-from minivllm.engine.policy import SchedulingPolicy, make_policy
-from minivllm.spec_decode.config import SpeculativeConfig
+from minivllm.config.model import DTYPE_ALIASES
+from minivllm.config.speculative import SpeculativeConfig
+from minivllm.core.block_manager import BlockManager, BlockManagerBase
+from minivllm.core.policy import SchedulingPolicy, make_policy
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-           "half": torch.float16, "float": torch.float32}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -66,8 +64,8 @@ class EngineConfig:
             _positive_int(self, "kv_cache_memory")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be 'auto' or one of {sorted(_DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_ALIASES:
+            raise ValueError(f"dtype={self.dtype!r} must be 'auto' or one of {sorted(DTYPE_ALIASES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -95,7 +93,7 @@ class EngineConfig:
         cls = self.block_manager_class
         if not (isinstance(cls, type) and issubclass(cls, BlockManagerBase)):
             raise ValueError(f"block_manager_class={cls!r} must be a subclass of "
-                             "minivllm.engine.block_manager.BlockManagerBase")
+                             "minivllm.core.block_manager.BlockManagerBase")
 
     def _check_parallel(self) -> None:
         """The sizes that need no model; `minivllm.distributed.layout` checks them against the model."""
@@ -148,77 +146,11 @@ def _positive_int(cfg: object, name: str) -> None:
         raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
-@dataclass
-class ModelConfig:
-    """The parts of a Hugging Face ``config.json`` that the engine's models need."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    rope_parameters: dict = field(default_factory=dict)  # rope_theta, rope_type and its settings
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    torch_dtype: torch.dtype = torch.float32
-    eos_token_ids: tuple[int, ...] = ()
-    # mixture of experts (Qwen3-MoE); num_experts == 0: every layer has a dense MLP
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
-
-    def is_moe_layer(self, index: int) -> bool:
-        """Which layers have experts, as transformers decides it for Qwen3-MoE."""
-        return (self.num_experts > 0 and index not in self.mlp_only_layers
-                and (index + 1) % self.decoder_sparse_step == 0)
-
-    @classmethod
-    def from_folder(cls, folder: str) -> "ModelConfig":
-        with open(os.path.join(folder, "config.json")) as f:
-            raw = json.load(f)
-        archs = raw.get("architectures") or [raw.get("model_type", "?")]
-        heads = raw["num_attention_heads"]
-        eos = raw.get("eos_token_id")
-        gen_path = os.path.join(folder, "generation_config.json")
-        if os.path.exists(gen_path):  # generation_config's eos list wins, as in transformers
-            with open(gen_path) as f:
-                eos = json.load(f).get("eos_token_id", eos)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-        rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
-        dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        return cls(
-            architecture=archs[0], vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False), rope_parameters=rope,
-            attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
-            torch_dtype=_DTYPES.get(str(dtype_name), torch.float32), eos_token_ids=eos_ids,
-            num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
-            num_experts_per_tok=raw.get("num_experts_per_tok", 0),
-            moe_intermediate_size=raw.get("moe_intermediate_size", 0),
-            norm_topk_prob=raw.get("norm_topk_prob", False), decoder_sparse_step=raw.get("decoder_sparse_step", 1),
-            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()))
-
-
-def resolve_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on the CPU (fast and exact there); on CUDA the checkpoint's dtype, with
-    float32 checkpoints served in bfloat16."""
+def resolve_dtype(name: str, model_dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on the CPU (fast and exact there); on CUDA the checkpoint's dtype
+    (``ModelConfig.dtype``), with float32 checkpoints served in bfloat16."""
     if name != "auto":
-        return _DTYPES[name]
+        return _TORCH_DTYPES[DTYPE_ALIASES[name]]
     if device.type == "cpu":
         return torch.float32
-    return torch.bfloat16 if model_dtype == torch.float32 else model_dtype
+    return torch.bfloat16 if model_dtype == "float32" else _TORCH_DTYPES[model_dtype]

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
-from minivllm.distributed.records import RankComm
-from minivllm.engine.block_manager import BlockEvents, BlockManager
-from minivllm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from minivllm.engine.sequence import Sequence
+from minivllm.core.block_manager import BlockEvents, BlockManager
+from minivllm.core.records import RankComm
+from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
+from minivllm.core.sequence import Sequence
 
 
 class ChunkRecord(NamedTuple):  # one per request per step: a named tuple is the cheapest immutable record

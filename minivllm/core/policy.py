@@ -18,10 +18,10 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING
 
-from minivllm.engine.sequence import RUNNING
+from minivllm.core.sequence import RUNNING
 
 if TYPE_CHECKING:
-    from minivllm.engine.scheduler import Scheduler, SchedulerOutput
+    from minivllm.core.scheduler import Scheduler, SchedulerOutput
 
 
 class SchedulingPolicy(abc.ABC):
@@ -105,4 +105,4 @@ def make_policy(policy: str | SchedulingPolicy) -> SchedulingPolicy:
     if isinstance(policy, str) and policy in BATCHING_POLICIES:
         return BATCHING_POLICIES[policy]()
     raise ValueError(f"batching_policy={policy!r} must be one of {tuple(BATCHING_POLICIES)} or a "
-                     "minivllm.engine.policy.SchedulingPolicy")
+                     "minivllm.core.policy.SchedulingPolicy")

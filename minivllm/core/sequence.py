@@ -5,8 +5,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from minivllm.core.records import SpecDecodeMetrics
 from minivllm.sampling_params import SamplingParams
-from minivllm.spec_decode.metrics import SpecDecodeMetrics
 
 _arrival_counter = itertools.count()
 
@@ -68,12 +68,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is FINISHED
-
-    @property
-    def is_prefill(self) -> bool:
-        """True while more than the newest token still lacks its KV (prompt or recompute)."""
-        return self.num_tokens - self.num_computed_tokens > 1

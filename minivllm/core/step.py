@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
-from minivllm.engine.sequence import Sequence
-from minivllm.engine.trace import StepRecord, make_step_record
+from minivllm.core.scheduler import Scheduler, SchedulerOutput
+from minivllm.core.sequence import Sequence
+from minivllm.core.trace import StepRecord, make_step_record
 
 
 def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Sequence, int | list[int]]],
