@@ -35,7 +35,7 @@ def token_ids(outputs) -> list[list[int]]:
 
 
 def worker_processes(llm: LLM) -> list:
-    return llm.llm_engine.model_runner.processes
+    return llm.llm_engine.executor.processes
 
 
 def assert_planner_agrees(engine, folder: str, tp: int, pp: int) -> None:
@@ -184,7 +184,7 @@ def test_data_parallel_replicas_route_and_keep_prompt_order(checkpoint, single):
     served = [{c.request_id for r in replica.trace for c in r.chunks} for replica in llm.llm_engine.replicas]
     ids = [o.request_id for o in outputs]
     assert served == [{ids[0], ids[2]}, {ids[1], ids[3]}]
-    processes = [p for replica in llm.llm_engine.replicas for p in replica.model_runner.processes]
+    processes = [p for replica in llm.llm_engine.replicas for p in replica.executor.processes]
     assert len(processes) == 2 and all(p.is_alive() for p in processes)
     del llm, outputs
     gc.collect()
@@ -213,7 +213,7 @@ def test_bad_sizes_raise_before_any_process_starts(checkpoint, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="4 ranks, but only 2 CUDA devices are visible"):
-        EngineConfig(folder, device="cuda", tensor_parallel_size=2, data_parallel_size=2)
+        EngineConfig.from_args(folder, device="cuda", tensor_parallel_size=2, data_parallel_size=2)
 
 
 @pytest.mark.parametrize("num_layers,pp", [(2, 2), (3, 2), (7, 3), (5, 4), (28, 4), (30, 8)])

@@ -270,7 +270,7 @@ def test_check_reports_bad_return_values():
 
 def test_engine_sampler_is_restored_after_the_check():
     llm = checks.check_engine()
-    before = llm.llm_engine.model_runner.sampler
+    before = llm.llm_engine.executor.sampler
     sampling_checks._stage_engine(make_sampler())
 
     def broken(logits, params, generator):
@@ -278,7 +278,7 @@ def test_engine_sampler_is_restored_after_the_check():
 
     with pytest.raises(checks.CheckFailed, match="inside the engine"):
         sampling_checks._stage_engine(broken)
-    assert llm.llm_engine.model_runner.sampler is before
+    assert llm.llm_engine.executor.sampler is before
     out = llm.generate("def f", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
 
@@ -559,7 +559,7 @@ def test_policy_reference_tokens_match_a_plain_engine():
 @pytest.mark.parametrize("value", [ContinuousBatching, "lifo", None])
 def test_engine_refuses_a_batching_policy_that_is_not_one(value):
     with pytest.raises(ValueError, match=r"batching_policy=.* must be one of \('continuous', 'static'\) or a "):
-        EngineConfig(model="unused", batching_policy=value)
+        EngineConfig.from_args("unused", batching_policy=value)
 
 
 # ---- the rejection-sampler check tells right from wrong (exercise 07) ------------------------------

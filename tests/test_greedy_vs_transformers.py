@@ -93,7 +93,7 @@ def test_prefix_caching_matches_transformers(arch, block_size, checkpoint, refer
 def _prefill_logits(llm: LLM, prompt: list[int], chunks: list[int]) -> torch.Tensor:
     """Logits at every prompt position, computed in the given chunk sizes through the paged cache."""
     engine = llm.llm_engine
-    runner, bm = engine.model_runner, engine.block_manager
+    runner, bm = engine.executor, engine.block_manager
     seq = Sequence("logits-probe", prompt, SamplingParams())
     rows = []
     with torch.inference_mode():
@@ -150,7 +150,7 @@ def test_half_precision_checkpoints(dtype, checkpoint, reference):
     expected = reference(folder).prompt_logits(prompt)
     for served in ("float32", str(dtype).removeprefix("torch.")):
         llm = LLM(folder, dtype=served, max_model_len=256)
-        assert llm.llm_engine.model_runner.dtype == (torch.float32 if served == "float32" else dtype)
+        assert llm.llm_engine.executor.dtype == (torch.float32 if served == "float32" else dtype)
         got = _prefill_logits(llm, prompt, [64])
         bound = 1e-4 if served == "float32" else 5e-2
         assert (got - expected).abs().max() <= bound * (1 + expected.abs().max()), served

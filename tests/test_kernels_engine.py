@@ -39,10 +39,10 @@ def test_triton_backend_matches_torch_backend(checkpoint):
     results = {}
     for backend in ("torch", "triton"):
         # chunks of at most 12 tokens cut the 8-token blocks; decodes share steps with prompt chunks
-        cfg = EngineConfig(folder, block_size=8, max_num_batched_tokens=12, max_model_len=128, num_kv_blocks=64,
-                           attention_backend=backend)
+        cfg = EngineConfig.from_args(folder, block_size=8, max_num_batched_tokens=12, max_model_len=128,
+                                     num_kv_blocks=64, attention_backend=backend)
         engine = LLMEngine(cfg)
-        assert engine.model_runner.attention_backend == backend
+        assert engine.executor.attention_backend == backend
         results[backend] = run(engine, prompts)
     assert results["triton"]["r2"][1] == 24, "the third prompt reuses the first one's three cached blocks"
     assert results["triton"] == results["torch"]

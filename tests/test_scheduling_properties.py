@@ -41,8 +41,6 @@ MAX_NEW = 24
 MAX_LEN = MAX_PROMPT + MAX_NEW
 BLOCK_SIZES = (1, 2, 4, 16)
 
-WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
-
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -161,7 +159,7 @@ class Harness:
         for c in chunks:
             s = c.seq
             assert c.num_new_tokens >= 1
-            assert s.status is RUNNING and s.request_id not in self.finished
+            assert s.status is SequenceStatus.RUNNING and s.request_id not in self.finished
             assert c.start == s.num_computed_tokens
             assert c.start + c.num_new_tokens <= s.num_tokens
             assert len(s.block_table) == ceil_div(c.start + c.num_new_tokens, bs), (
@@ -179,7 +177,7 @@ class Harness:
         pre_set = set(preempted_ids)
 
         admitted = [c for c in chunks
-                    if status_before[c.seq.request_id] is WAITING or c.seq.request_id in pre_set]
+                    if status_before[c.seq.request_id] is SequenceStatus.WAITING or c.seq.request_id in pre_set]
         continued = [c for c in chunks if c not in admitted]
         survivors = [s for s in running_before if s.request_id not in pre_set]
 
@@ -197,7 +195,7 @@ class Harness:
         assert [s.request_id for s in sched.running] == [s.request_id for s in survivors] + admitted_ids
         for s in preempted:
             if s.request_id not in admitted_ids:
-                assert s.status is WAITING and not s.block_table and s.num_computed_tokens == 0
+                assert s.status is SequenceStatus.WAITING and not s.block_table and s.num_computed_tokens == 0
 
         # -- no prompt/decode mix without chunked prefill: whole prompts, or decodes only
         if not cfg.enable_chunked_prefill:
@@ -285,13 +283,13 @@ class Harness:
         assert sched.has_unfinished() == bool(live)
         assert len(sched.running) <= cfg.max_num_seqs
         for s in sched.waiting:
-            assert s.status is WAITING and not s.block_table and s.num_computed_tokens == 0
+            assert s.status is SequenceStatus.WAITING and not s.block_table and s.num_computed_tokens == 0
         for s in sched.running:
-            assert s.status is RUNNING and 1 <= s.num_computed_tokens < s.num_tokens, (
+            assert s.status is SequenceStatus.RUNNING and 1 <= s.num_computed_tokens < s.num_tokens, (
                 f"{s.request_id}: {s.num_computed_tokens} of {s.num_tokens} tokens computed")
         for rid, reason in self.finished.items():
             s = self.seqs[rid]
-            assert s.status is FINISHED and s.finish_reason == reason and not s.block_table
+            assert s.status is SequenceStatus.FINISHED and s.finish_reason == reason and not s.block_table
 
         bm.check_invariants(live)
 

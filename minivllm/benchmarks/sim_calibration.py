@@ -59,7 +59,7 @@ def measure_this_cpu(model_folder: str | None = None, *, prefill_tokens: int = 2
                          f"{mc.max_position_embeddings}")
     contexts = [16 + (prefill_tokens - 16) * i // (batch - 1) for i in range(batch)]
     num_blocks = sum(-(-c // 16) for c in contexts) + prefill_tokens // 16 + 1
-    cfg = EngineConfig(model=folder, device="cpu", dtype="float32", block_size=16, num_kv_blocks=num_blocks)
+    cfg = EngineConfig.from_args(folder, device="cpu", dtype="float32", block_size=16, num_kv_blocks=num_blocks)
     runner = ModelRunner(cfg, mc, folder, mc.max_position_embeddings)
     spec = ModelSpec.from_folder(folder)
     cost = CostModel(spec, Hardware("probe", 1.0, 1.0, {"fp32": 1.0}), "fp32")

@@ -3,76 +3,60 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from minivllm.config.cache import CacheConfig
 from minivllm.config.model import DTYPE_ALIASES
+from minivllm.config.parallel import ParallelConfig
+from minivllm.config.parts import split_args
+from minivllm.config.scheduler import SchedulerConfig
 from minivllm.config.speculative import SpeculativeConfig
 from minivllm.core.block_manager import BlockManager, BlockManagerBase
-from minivllm.core.policy import SchedulingPolicy, make_policy
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """Everything `LLM(...)` accepts besides the model folder; names and defaults follow vLLM."""
+    """Everything `LLM(model, **engine_args)` accepts, in vLLM's parts: the settings of the model and
+    its device here, then the cache, scheduler, parallel and speculative configs. ``from_args`` takes
+    vLLM's flat names (``block_size=...``, ``max_num_seqs=...``) and routes each to its part."""
 
     model: str
     dtype: str = "auto"
     device: str = "auto"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | None = None  # bytes, on the CPU
-    num_kv_blocks: int | None = None  # overrides the computed cache size
     seed: int = 0
-    batching_policy: str | SchedulingPolicy = "continuous"  # "static": the course's baseline; exercise 04 plugs its own in
     attention_backend: str = "auto"  # "torch" (reference), "triton" (kernels/); auto: triton on CUDA
     block_manager_class: type = BlockManager  # exercise 02 plugs a learner's subclass in here
-    # parallelism (minivllm/distributed/): one process per rank once any size is above 1
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    distributed_backend: str = "auto"  # "gloo" or "nccl"; auto: nccl on CUDA, gloo on the CPU
-    speculative_config: SpeculativeConfig | dict | None = None  # a dict is validated into the dataclass
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative_config: SpeculativeConfig | None = None
 
     @classmethod
     def from_args(cls, model: str, **engine_args) -> "EngineConfig":
-        """`LLM(model, **engine_args)`: an unknown argument is a ValueError that names it."""
-        known = [f.name for f in fields(cls) if f.name != "model"]
-        unknown = sorted(set(engine_args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown engine argument(s) {', '.join(unknown)}; LLM accepts {', '.join(known)}")
-        return cls(model=model, **engine_args)
+        """`LLM(model, **engine_args)`: an unknown argument is a ValueError that names it;
+        ``speculative_config`` may be a dict (validated into a `SpeculativeConfig`)."""
+        own = [f.name for f in fields(cls) if f.name not in ("model",) + _PARTS_NAMES] + ["speculative_config"]
+        parts = split_args(engine_args, _PARTS, own, "LLM")
+        spec = engine_args.get("speculative_config")
+        if isinstance(spec, dict):
+            spec = SpeculativeConfig.from_dict(spec)
+        top = {name: engine_args[name] for name in own if name in engine_args and name != "speculative_config"}
+        return cls(model=model, **top, **{part: _PARTS[part](**values) for part, values in parts.items()},
+                   speculative_config=spec)
 
     def __post_init__(self) -> None:
-        _positive_int(self, "block_size")
-        _positive_int(self, "max_num_seqs")
-        _positive_int(self, "max_num_batched_tokens")
-        if self.max_model_len is not None:
-            _positive_int(self, "max_model_len")
-        if self.num_kv_blocks is not None:
-            _positive_int(self, "num_kv_blocks")
-        if self.kv_cache_memory is not None:
-            _positive_int(self, "kv_cache_memory")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
         if self.dtype != "auto" and self.dtype not in DTYPE_ALIASES:
             raise ValueError(f"dtype={self.dtype!r} must be 'auto' or one of {sorted(DTYPE_ALIASES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available")
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int")
-        make_policy(self.batching_policy)  # raises ValueError on anything but a name or a SchedulingPolicy
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend={self.attention_backend!r} must be 'auto', 'torch' or 'triton'")
         if self.attention_backend == "triton":
@@ -81,9 +65,10 @@ class EngineConfig:
             if self.torch_device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("attention_backend='triton' on the CPU runs only in the Triton interpreter: "
                                  "set TRITON_INTERPRET=1 before the kernels are imported")
-        self._check_parallel()
-        if isinstance(self.speculative_config, dict):
-            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        for part, cls in _PARTS.items():
+            if not isinstance(getattr(self, part), cls):
+                raise ValueError(f"{part}={getattr(self, part)!r} must be a {cls.__name__}")
+        self._check_devices()
         if self.speculative_config is not None:
             if not isinstance(self.speculative_config, SpeculativeConfig):
                 raise ValueError(f"speculative_config={self.speculative_config!r} must be a dict or a SpeculativeConfig")
@@ -95,16 +80,10 @@ class EngineConfig:
             raise ValueError(f"block_manager_class={cls!r} must be a subclass of "
                              "minivllm.core.block_manager.BlockManagerBase")
 
-    def _check_parallel(self) -> None:
-        """The sizes that need no model; `minivllm.distributed.layout` checks them against the model."""
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            _positive_int(self, name)
-        if not isinstance(self.enable_expert_parallel, bool):
-            raise ValueError(f"enable_expert_parallel={self.enable_expert_parallel!r} must be a bool")
-        if self.distributed_backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"distributed_backend={self.distributed_backend!r} must be 'auto', 'gloo' or 'nccl'")
+    def _check_devices(self) -> None:
+        """The parallel settings against the devices this machine has."""
         cuda = self.torch_device.type == "cuda"
-        if self.distributed_backend == "nccl" and not cuda:
+        if self.parallel_config.distributed_backend == "nccl" and not cuda:
             raise ValueError(f"distributed_backend='nccl' needs CUDA, but device={self.device!r}")
         if cuda and self.world_size > 1:
             if self.device not in ("auto", "cuda"):
@@ -115,14 +94,21 @@ class EngineConfig:
                 raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
                                  f"{self.world_size} ranks, but only {visible} CUDA devices are visible")
 
+    def for_workers(self) -> "EngineConfig":
+        """This config as the worker processes get it: they never allocate blocks or schedule, so the
+        driver's block manager class and batching policy stay behind (a learner's, defined in a
+        notebook, could not be pickled to them)."""
+        return replace(self, block_manager_class=BlockManager,
+                       scheduler_config=replace(self.scheduler_config, batching_policy="continuous"))
+
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+        return self.parallel_config.world_size
 
     @property
     def resolved_distributed_backend(self) -> str:
-        if self.distributed_backend != "auto":
-            return self.distributed_backend
+        if self.parallel_config.distributed_backend != "auto":
+            return self.parallel_config.distributed_backend
         return "nccl" if self.torch_device.type == "cuda" else "gloo"
 
     @property
@@ -140,10 +126,8 @@ class EngineConfig:
         return torch.device(self.device)
 
 
-def _positive_int(cfg: object, name: str) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
+_PARTS = {"cache_config": CacheConfig, "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig}
+_PARTS_NAMES = tuple(_PARTS) + ("speculative_config",)
 
 
 def resolve_dtype(name: str, model_dtype: str, device: torch.device) -> torch.dtype:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from minivllm.core.sequence import Sequence
 
 
-@dataclass(slots=True)  # one per KV block, touched on every allocation: slots are faster
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -140,14 +140,13 @@ class BlockManagerBase(abc.ABC):
         if n > len(self.free_queue):
             raise RuntimeError(f"{n} blocks asked, {len(self.free_queue)} free: the scheduler asks "
                                "can_allocate/can_append first")
-        free_queue, blocks, cached = self.free_queue, self.blocks, self.cached
         taken, evicted = [], []
         for _ in range(n):
-            block_id, _ = free_queue.popitem(False)  # oldest first (a keyword costs more)
-            block = blocks[block_id]
+            block_id, _ = self.free_queue.popitem(last=False)  # least recently freed first
+            block = self.blocks[block_id]
             if block.block_hash is not None:  # evict the cached contents
-                if cached.get(block.block_hash) == block_id:
-                    del cached[block.block_hash]
+                if self.cached.get(block.block_hash) == block_id:
+                    del self.cached[block.block_hash]
                 evicted.append(block_id)
             block.block_hash, block.token_ids = None, ()
             taken.append(block_id)
@@ -167,9 +166,9 @@ class BlockManagerBase(abc.ABC):
     def release_blocks(self, block_ids: list[int]) -> None:
         """Drop one reference to each of ``block_ids``, in order; the blocks that no request holds
         any more go to the end of the free queue, in that order."""
-        blocks, unheld = self.blocks, []
+        unheld = []
         for block_id in block_ids:
-            block = blocks[block_id]
+            block = self.blocks[block_id]
             if block.ref_count < 1:
                 raise ValueError(f"block_id={block_id!r} has no reference to drop")
             block.ref_count -= 1
@@ -188,10 +187,9 @@ class BlockManagerBase(abc.ABC):
 
     def _queue_free(self, block_ids: list[int]) -> None:
         """Append unreferenced blocks to the free queue (evicted last); cached ones stay hittable."""
-        free_queue, blocks = self.free_queue, self.blocks
         for block_id in block_ids:
-            free_queue[block_id] = None
-        self.num_cached_free_blocks += sum(1 for b in block_ids if blocks[b].block_hash is not None)
+            self.free_queue[block_id] = None
+        self.num_cached_free_blocks += sum(1 for b in block_ids if self.blocks[b].block_hash is not None)
         self.events.freed += block_ids
 
     def drain_events(self) -> BlockEvents:
@@ -285,14 +283,14 @@ class BlockManager(BlockManagerBase):
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
-        end, bs, table = start + num_new_tokens, self.block_size, seq.block_table
-        missing = -(-end // bs) - len(table)
+        end = start + num_new_tokens
+        missing = -(-end // self.block_size) - len(seq.block_table)
         if missing > 0:
             for block_id in self.pop_free_blocks(missing):
                 self.blocks[block_id].ref_count = 1
-                table.append(block_id)
+                seq.block_table.append(block_id)
         # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
-        if self.enable_prefix_caching and end // bs > start // bs:
+        if self.enable_prefix_caching and end // self.block_size > start // self.block_size:
             self._register_full_blocks(seq, min(end, len(seq.token_ids)))
 
     def free(self, seq: Sequence) -> None:

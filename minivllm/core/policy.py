@@ -18,8 +18,6 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING
 
-from minivllm.core.sequence import RUNNING
-
 if TYPE_CHECKING:
     from minivllm.core.scheduler import Scheduler, SchedulerOutput
 
@@ -53,14 +51,16 @@ class ContinuousBatching(SchedulingPolicy):
         the cache has no block for the next. Returns the budget left."""
         bm = scheduler.block_manager
         for seq in list(scheduler.running):  # a copy: preemption removes from the end
-            if budget == 0 or seq.status is not RUNNING:
+            if budget == 0 or seq in out.preempted:
                 break  # out of budget, or seq was preempted and so was everyone after it
             num_new = scheduler.num_tokens_to_run(seq)
-            num_new = num_new if num_new < budget else budget  # not min(): 8x dearer, once per request per step
-            while seq.status is RUNNING and not bm.can_append(seq, num_new):
-                scheduler.preempt(scheduler.running[-1], out)
-            if seq.status is not RUNNING:
-                break
+            if num_new > budget:  # chunked prefill: the rest of the prompt waits for the next step
+                num_new = budget
+            while not bm.can_append(seq, num_new):
+                newest = scheduler.running[-1]
+                scheduler.preempt(newest, out)
+                if newest is seq:
+                    return budget  # seq itself had to go, and so had everyone after it
             scheduler.schedule_chunk(seq, num_new, out)
             budget -= num_new
         return budget

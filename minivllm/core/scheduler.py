@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 from minivllm.core.block_manager import BlockManager
 from minivllm.core.policy import SchedulingPolicy, make_policy
-from minivllm.core.sequence import FINISHED, RUNNING, WAITING, Sequence
+from minivllm.core.sequence import Sequence, SequenceStatus
 
 
-@dataclass(slots=True, eq=False)  # built for every request every step: a plain slotted class is cheapest
+@dataclass(slots=True, eq=False)
 class ScheduledChunk:
     """``num_new_tokens`` tokens of ``seq`` starting at position ``start`` run this step; the last
     ``len(draft_token_ids)`` of them are draft tokens that follow the sequence's known tokens."""
@@ -92,7 +92,7 @@ class Scheduler:
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.status = WAITING
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -100,12 +100,12 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` (stop, length or abort), wherever it is, and release its blocks."""
-        if seq.status is RUNNING:
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is WAITING:
+        elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.status = FINISHED
+        seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     # ---- one step ------------------------------------------------------------------------
@@ -119,13 +119,13 @@ class Scheduler:
     def num_tokens_to_run(self, seq: Sequence) -> int:
         """The tokens a running ``seq`` has yet to run: one when it decodes, else the rest of its
         prompt (or of a recompute); plus the slots of its draft tokens with speculative decoding."""
-        todo = len(seq.token_ids) - seq.num_computed_tokens  # not the num_tokens property: a hot path
+        todo = len(seq.token_ids) - seq.num_computed_tokens
         return todo + self._num_draft_slots(seq) if self.num_speculative_tokens else todo
 
     def schedule_chunk(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Run the next ``num_new_tokens`` tokens of the running ``seq`` this step; the policy has
         checked `BlockManager.can_append`."""
-        if seq.status is not RUNNING:
+        if seq.status is not SequenceStatus.RUNNING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running: admit it first")
         most = self.num_tokens_to_run(seq)
         if not 1 <= num_new_tokens <= most:
@@ -148,7 +148,7 @@ class Scheduler:
         """Move the waiting ``seq`` to the running list with its cached prefix blocks (from
         `BlockManager.find_cached_prefix`) and run its first ``num_new_tokens`` uncached tokens this
         step; the policy has checked `BlockManager.can_allocate`."""
-        if seq.status is not WAITING:
+        if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not waiting")
         uncached = seq.num_tokens - len(cached_blocks) * self.block_manager.block_size
         if not 1 <= num_new_tokens <= uncached:
@@ -159,20 +159,20 @@ class Scheduler:
         if seq.num_cached_tokens is None:  # first admission: the hit the request is credited with
             seq.num_cached_tokens = seq.num_computed_tokens
         self.block_manager.append_slots(seq, num_new_tokens)
-        seq.status = RUNNING
+        seq.status = SequenceStatus.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new_tokens))
 
     def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free the running ``seq``'s blocks and put it back at the front of the waiting queue, to be
         recomputed later; its generated tokens are kept. Not a request already run this step."""
-        if seq.status is not RUNNING:
+        if seq.status is not SequenceStatus.RUNNING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not running")
         if any(c.seq is seq for c in out.chunks):
             raise ValueError(f"seq={seq.request_id!r} already runs in this step: preempt it before scheduling it")
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.status = WAITING
+        seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)

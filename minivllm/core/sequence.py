@@ -17,12 +17,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-# The members as plain names for the hot loops: on Python 3.11 each ``SequenceStatus.RUNNING`` is a
-# descriptor call, and the scheduler compares a status for every request in every step.
-WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
-
-
-@dataclass(eq=False, slots=True)  # slots: faster attribute access in the scheduler's loops
+@dataclass(eq=False, slots=True)
 class Sequence:
     """A request: its prompt, the tokens generated so far, and how much of it the KV cache holds.
 
@@ -37,7 +32,7 @@ class Sequence:
     arrival_time: float = 0.0
     prompt: str | None = None
     arrival_index: int = field(default_factory=lambda: next(_arrival_counter))
-    status: SequenceStatus = WAITING
+    status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -68,3 +63,17 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+
+def check_request_fits(num_prompt_tokens: int, max_tokens: int, *, max_model_len: int, block_size: int,
+                       num_blocks: int) -> None:
+    """Refuse (ValueError) a request that no step could ever finish: a prompt longer than
+    ``max_model_len``, or one that with ``max_tokens`` more tokens needs more KV blocks than the whole
+    cache has. The engine and the simulator both ask before queueing a request."""
+    if num_prompt_tokens > max_model_len:
+        raise ValueError(f"prompt of {num_prompt_tokens} tokens is longer than max_model_len={max_model_len}")
+    longest = min(num_prompt_tokens + max_tokens, max_model_len)
+    need = -(-longest // block_size)
+    if need > num_blocks:
+        raise ValueError(f"prompt of {num_prompt_tokens} tokens plus max_tokens={max_tokens} needs {need} KV "
+                         f"blocks, but the cache has only {num_blocks}")

@@ -10,16 +10,19 @@ from typing import Callable
 
 from minivllm.core.scheduler import Scheduler, SchedulerOutput
 from minivllm.core.sequence import Sequence
-from minivllm.core.trace import StepRecord, make_step_record
+from minivllm.core.trace import StepRecord, StepRecorder
 
 
 def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Sequence, int | list[int]]],
              clock: Callable[[], float], check_stop: Callable[[Sequence, int], bool],
-             step: int) -> tuple[StepRecord, list[Sequence]]:
+             step: int, recorder: StepRecorder) -> tuple[StepRecord, list[Sequence]]:
     """Schedule one step, ``execute`` it (returns the token sampled for each chunk that samples,
     or with speculative decoding the list of tokens it emits), apply ``check_stop`` (sets
     ``finish_reason`` and returns True to end a request) to every new token in order, and free the
-    finished requests. Returns the step's record and the finished requests."""
+    finished requests. Returns the step's record, written by the driver's ``recorder``, and the
+    finished requests."""
+    if not isinstance(recorder, StepRecorder):
+        raise ValueError(f"recorder={recorder!r} must be a StepRecorder")
     start = clock()
     out = scheduler.schedule()
     if out.is_empty and scheduler.has_unfinished():
@@ -38,8 +41,8 @@ def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Seq
             finished.append(seq)
     for seq in finished:
         scheduler.finish(seq, seq.finish_reason)
-    record = make_step_record(step, start, now, out, sampled, finished, scheduler.block_manager,
-                              scheduler.running, len(scheduler.waiting))
+    record = recorder.record(step, start, now, out, sampled, finished, scheduler.block_manager,
+                             scheduler.running, len(scheduler.waiting))
     return record, finished
 
 

@@ -58,7 +58,7 @@ def check_parallel_sizes(cfg: EngineConfig, mc: ModelConfig) -> None:
     """Refuse a split the model cannot take. TP larger than the KV heads is refused rather than
     replicating KV heads across ranks: every rank must own whole query and KV heads. Expert parallel
     spreads each MoE layer's experts over the tensor-parallel ranks."""
-    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
+    tp, pp = cfg.parallel_config.tensor_parallel_size, cfg.parallel_config.pipeline_parallel_size
     if mc.num_attention_heads % tp:
         raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads="
                          f"{mc.num_attention_heads}")
@@ -67,7 +67,7 @@ def check_parallel_sizes(cfg: EngineConfig, mc: ModelConfig) -> None:
                          f"{mc.num_key_value_heads} (KV heads are split, never replicated)")
     if any(not mc.is_moe_layer(i) for i in range(mc.num_hidden_layers)) and mc.intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size={tp} does not divide intermediate_size={mc.intermediate_size}")
-    if cfg.enable_expert_parallel:
+    if cfg.parallel_config.enable_expert_parallel:
         if mc.num_experts == 0:
             raise ValueError(f"enable_expert_parallel=True but {mc.architecture} has no experts")
         if mc.num_experts % tp:

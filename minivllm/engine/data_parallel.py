@@ -25,10 +25,10 @@ class DataParallelEngine:
     """The `LLMEngine` interface `LLM` uses, over several replicas."""
 
     def __init__(self, config: EngineConfig):
-        self._pool = ThreadPoolExecutor(config.data_parallel_size, thread_name_prefix="minivllm-dp")
+        self._pool = ThreadPoolExecutor(config.parallel_config.data_parallel_size, thread_name_prefix="minivllm-dp")
         self.replicas: list[LLMEngine] = []
         try:
-            for dp_rank in range(config.data_parallel_size):
+            for dp_rank in range(config.parallel_config.data_parallel_size):
                 self.replicas.append(LLMEngine(config, dp_rank))
         except BaseException:
             self.close()

@@ -9,10 +9,10 @@ from typing import Union
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
 from minivllm.core.scheduler import Scheduler
-from minivllm.core.sequence import Sequence
+from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
-from minivllm.core.trace import StepRecord
-from minivllm.executor.multiproc import make_executor
+from minivllm.core.trace import StepRecord, StepRecorder
+from minivllm.executor.base import Executor, make_executor
 from minivllm.models.loader import resolve_model_folder
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
@@ -32,43 +32,31 @@ class LLMEngine:
         self.config = config
         folder = resolve_model_folder(config.model)
         self.model_config = mc = ModelConfig.from_folder(folder)
-        self.max_model_len = self._resolve_max_model_len(config, mc)
+        self.max_model_len = config.scheduler_config.resolve_max_model_len(mc.max_position_embeddings)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_token_ids = set(mc.eos_token_ids) or (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         # the model here, or one worker process per rank (tensor/pipeline parallel)
-        self.model_runner = make_executor(config, mc, folder, self.max_model_len, dp_rank)
-        self.block_manager = config.block_manager_class(self.model_runner.num_blocks, config.block_size,
-                                                        config.enable_prefix_caching)
-        spec = config.speculative_config
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   enable_chunked_prefill=config.enable_chunked_prefill,
-                                   batching_policy=config.batching_policy,
+        self.executor: Executor = make_executor(config, mc, folder, self.max_model_len, dp_rank)
+        cache, sched, spec = config.cache_config, config.scheduler_config, config.speculative_config
+        self.block_manager = config.block_manager_class(self.executor.num_blocks, cache.block_size,
+                                                        cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=sched.max_num_seqs,
+                                   max_num_batched_tokens=sched.max_num_batched_tokens,
+                                   enable_chunked_prefill=sched.enable_chunked_prefill,
+                                   batching_policy=sched.batching_policy,
                                    num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
                                    max_model_len=self.max_model_len)
         # speculative decoding: guess tokens ahead and verify them in the target's one forward pass
-        self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.model_runner, self.block_manager,
+        self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.executor, self.block_manager,
                                                self.max_model_len) if spec else None
         self.requests: dict[str, Sequence] = {}
         self.trace: list[StepRecord] = []
-        tokens = self.model_runner.num_blocks * config.block_size
+        self.recorder = StepRecorder()  # writes self.trace's records
+        tokens = self.executor.num_blocks * cache.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
-                    "max_model_len=%d: %.2fx", self.model_runner.num_blocks, config.block_size, tokens,
+                    "max_model_len=%d: %.2fx", self.executor.num_blocks, cache.block_size, tokens,
                     self.max_model_len, tokens / self.max_model_len)
-
-    @staticmethod
-    def _resolve_max_model_len(cfg: EngineConfig, mc: ModelConfig) -> int:
-        limit = mc.max_position_embeddings
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={limit}")
-        max_len = cfg.max_model_len or limit
-        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_len:
-            raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens} is smaller than "
-                             f"max_model_len={max_len}: without chunked prefill a whole prompt must fit "
-                             "in one step (raise it, lower max_model_len, or enable chunked prefill)")
-        return max_len
 
     # ---- requests ----------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Sequence:
@@ -84,17 +72,12 @@ class LLMEngine:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids contain {bad[:3]!r}, outside the vocabulary [0, {vocab})")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens is longer than "
-                             f"max_model_len={self.max_model_len}")
         bad_stops = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stops:
             raise ValueError(f"stop_token_ids={bad_stops!r} lie outside the vocabulary [0, {vocab})")
-        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        need = self.block_manager.blocks_needed(longest)
-        if need > self.block_manager.num_blocks:
-            raise ValueError(f"prompt of {len(token_ids)} tokens plus max_tokens={params.max_tokens} needs "
-                             f"{need} KV blocks, but the cache has only {self.block_manager.num_blocks}")
+        bm = self.block_manager
+        check_request_fits(len(token_ids), params.max_tokens, max_model_len=self.max_model_len,
+                           block_size=bm.block_size, num_blocks=bm.num_blocks)
         return Sequence(request_id, token_ids, params, arrival_time=time.time(), prompt=text)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -133,17 +116,17 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the requests that finished in it."""
-        execute = self.spec_decoder.execute if self.spec_decoder is not None else self.model_runner.execute
+        execute = self.spec_decoder.execute if self.spec_decoder is not None else self.executor.execute
         record, finished = run_step(self.scheduler, execute, time.time,
-                                    self._check_stop, len(self.trace))
+                                    self._check_stop, len(self.trace), self.recorder)
         if record.chunks:
-            record = replace(record, comm=self.model_runner.last_comm)
+            record = replace(record, comm=self.executor.last_comm)
         self.trace.append(record)
         return [self._finish_output(seq) for seq in finished]
 
     def close(self) -> None:
         """Free the model; with worker processes, shut them down."""
-        self.model_runner.close()
+        self.executor.close()
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         """Apply the request's stop conditions to its newest token; sets ``finish_reason``."""
@@ -166,7 +149,7 @@ class LLMEngine:
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
-        self.model_runner.release(seq.request_id)
+        self.executor.release(seq.request_id)
         if self.spec_decoder is not None:
             self.spec_decoder.release(seq.request_id)
         seq.finished_time = time.time()

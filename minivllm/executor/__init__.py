@@ -1,2 +1,3 @@
-"""Running the model runner in several processes, one per rank: `multiproc.MultiprocExecutor` is the
-driver's side, `worker_proc` the loop each rank's process runs."""
+"""What runs the model for the engine: `base.Executor` (the interface) and `base.make_executor`,
+which picks the model runner in this process or `multiproc.MultiprocExecutor`, one worker process per
+rank (`worker_proc` is the loop each rank's process runs)."""

@@ -11,16 +11,14 @@ import multiprocessing as mp
 import socket
 import time
 import weakref
-from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
-from minivllm.core.block_manager import BlockManager
 from minivllm.core.records import RankComm
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
-from minivllm.distributed.layout import check_parallel_sizes, replica_layouts
+from minivllm.distributed.layout import replica_layouts
 from minivllm.distributed.pipeline import split_micro_batches
 from minivllm.executor.worker_proc import run_worker
 from minivllm.worker.step_batch import flatten_chunks
@@ -32,30 +30,19 @@ class WorkerError(RuntimeError):
     """A worker process died or raised; the engine that owned it is closed."""
 
 
-def make_executor(cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0):
-    """The model in this process when nothing is split, else one worker process per rank. Sizes are
-    checked against the model first, so a bad one raises ValueError before any process starts."""
-    check_parallel_sizes(cfg, mc)
-    if cfg.world_size == 1:
-        from minivllm.worker.model_runner import ModelRunner
-        return ModelRunner(cfg, mc, folder, max_model_len)
-    return MultiprocExecutor(cfg, mc, folder, max_model_len, dp_rank)
-
-
 class MultiprocExecutor:
-    """Runs one replica's ranks (tensor x pipeline) in spawned processes; same interface as
-    `ModelRunner` for the engine: ``num_blocks``, ``execute``, ``release``, ``close``."""
+    """Runs one replica's ranks (tensor x pipeline) in spawned processes: an `Executor`
+    (`minivllm.executor.base`), like `ModelRunner` in one process."""
 
     def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0):
-        self.block_size, self.pp_size = cfg.block_size, cfg.pipeline_parallel_size
-        self.layouts = replica_layouts(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                                       cfg.enable_expert_parallel)
+        par = cfg.parallel_config
+        self.block_size, self.pp_size = cfg.cache_config.block_size, par.pipeline_parallel_size
+        self.layouts = replica_layouts(par.tensor_parallel_size, par.pipeline_parallel_size, par.enable_expert_parallel)
         self.sampling_rank = next(lay.rank for lay in self.layouts if lay.samples)
         self.last_comm: tuple[RankComm, ...] = ()
         self._released: list[str] = []
         self._closed_because: str | None = None
-        # workers need no block manager; a learner's class defined in a notebook could not be pickled
-        worker_cfg = replace(cfg, block_manager_class=BlockManager)
+        worker_cfg = cfg.for_workers()
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         first_device = dp_rank * len(self.layouts)

@@ -9,7 +9,6 @@ or ``("error", traceback)`` before the process exits on an exception.
 from __future__ import annotations
 
 import traceback
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -34,15 +33,14 @@ def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: s
 
     torch.set_num_threads(1)  # ranks share the machine's cores; one thread each avoids oversubscription
     try:
-        if cfg.torch_device.type == "cuda":
-            torch.cuda.set_device(device_index)
-            # this process's share is one device; its place in the grid is `layout`
-            cfg = replace(cfg, device=f"cuda:{device_index}", tensor_parallel_size=1, pipeline_parallel_size=1,
-                          data_parallel_size=1)
+        device = None  # the CPU: every rank shares it
+        if cfg.torch_device.type == "cuda":  # this process's share is one device; its place in the grid is `layout`
+            device = torch.device("cuda", device_index)
+            torch.cuda.set_device(device)
         dist.init_process_group(cfg.resolved_distributed_backend, init_method=init_method,
                                 rank=layout.rank, world_size=layout.world_size)
         init_tensor_parallel_groups(layout.tp_size, layout.pp_size, layout.pp_rank)
-        runner = ModelRunner(cfg, mc, folder, max_model_len, layout)
+        runner = ModelRunner(cfg, mc, folder, max_model_len, layout, device)
         link = StageLink(layout)
         conn.send(("ready", runner.num_blocks))
         while True:
@@ -74,10 +72,11 @@ def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatc
         intermediate = None
         if not layout.is_first_stage:
             intermediate = link.receive(batch.num_tokens, runner.mc.hidden_size, runner.dtype, runner.device)
-        result = runner.execute_batch(batch, intermediate)
         if not layout.is_last_stage:
-            link.send(result)
+            link.send(runner.compute_hidden(batch, intermediate))
         elif tokens is not None:
-            tokens += result
+            tokens += runner.execute_batch(batch, intermediate)
+        else:  # a tensor-parallel peer of the sampling rank: it joins the LM head's gather
+            runner.execute_batch(batch, intermediate)
     link.flush()
     return tokens

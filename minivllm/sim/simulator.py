@@ -13,12 +13,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from minivllm.config.cache import CacheConfig
+from minivllm.config.parts import split_args
+from minivllm.config.scheduler import SchedulerConfig
 from minivllm.core.block_manager import BlockManager
-from minivllm.core.policy import SchedulingPolicy, make_policy
 from minivllm.core.scheduler import Scheduler, SchedulerOutput
-from minivllm.core.sequence import Sequence
+from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
-from minivllm.core.trace import StepRecord
+from minivllm.core.trace import StepRecord, StepRecorder
 from minivllm.sampling_params import SamplingParams
 from minivllm.sim.cost_model import CostModel
 from minivllm.sim.hardware import Hardware
@@ -28,51 +30,27 @@ from minivllm.sim.workload import Request
 DUMMY_TOKEN = 0
 
 
-@dataclass(frozen=True)
 class SimConfig:
-    """The engine settings the simulator honours; names and defaults follow `EngineConfig`."""
+    """The engine settings the simulator honours, in the engine's own parts (`CacheConfig`,
+    `SchedulerConfig`) with the same flat names, defaults and checks:
+    ``SimConfig(model, hardware, max_num_seqs=64, block_size=32)``. ``dtype`` is the simulated GPU's
+    (``"bf16"``, ``"fp16"``, ``"fp8"``, ``"fp32"``)."""
 
-    model: ModelSpec
-    hardware: Hardware
-    dtype: str = "bf16"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None  # overrides the computed cache size
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    batching_policy: str | SchedulingPolicy = "continuous"  # a name, or exercise 04's own policy
+    def __init__(self, model: ModelSpec, hardware: Hardware, dtype: str = "bf16", **engine_args):
+        parts = split_args(engine_args, {"cache_config": CacheConfig, "scheduler_config": SchedulerConfig},
+                           [], "SimConfig")
+        if "kv_cache_memory" in engine_args:
+            raise ValueError("kv_cache_memory is the CPU engine's; the simulator sizes the cache from "
+                             "gpu_memory_utilization or num_kv_blocks")
+        self.model, self.hardware, self.dtype = model, hardware, dtype
+        self.cache_config = CacheConfig(**parts["cache_config"])
+        self.scheduler_config = SchedulerConfig(**parts["scheduler_config"])
+        self.max_model_len = self.scheduler_config.resolve_max_model_len(
+            model.max_model_len, limit_name=f"{model.name} max_model_len")
 
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            _positive_int(name, getattr(self, name))
-        for name in ("max_model_len", "num_kv_blocks"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"SimConfig.gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
-        try:
-            make_policy(self.batching_policy)
-        except ValueError as e:
-            raise ValueError(f"SimConfig.{e}") from None
-        if self.max_model_len is not None and self.max_model_len > self.model.max_model_len:
-            raise ValueError(f"SimConfig.max_model_len={self.max_model_len} exceeds {self.model.name}'s "
-                             f"{self.model.max_model_len}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.resolved_max_model_len:
-            raise ValueError(f"SimConfig.max_num_batched_tokens={self.max_num_batched_tokens} is smaller than "
-                             f"max_model_len={self.resolved_max_model_len}: without chunked prefill a whole "
-                             "prompt must fit in one step")
-
-    @property
-    def resolved_max_model_len(self) -> int:
-        return self.max_model_len or self.model.max_model_len
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"SimConfig.{name}={value!r} must be an int >= 1")
+    def __repr__(self) -> str:
+        return (f"SimConfig({self.model.name}, {self.hardware.name}, {self.dtype}, {self.cache_config}, "
+                f"{self.scheduler_config})")
 
 
 @dataclass
@@ -88,29 +66,26 @@ class Simulator:
     def __init__(self, config: SimConfig):
         self.config = c = config
         self.cost = CostModel(c.model, c.hardware, c.dtype)
-        if c.num_kv_blocks is not None:
-            self.num_blocks = c.num_kv_blocks
+        cache = c.cache_config
+        if cache.num_kv_blocks is not None:
+            self.num_blocks = cache.num_kv_blocks
         else:
-            self.num_blocks = self.cost.kv_capacity_tokens(c.gpu_memory_utilization) // c.block_size
+            self.num_blocks = self.cost.kv_capacity_tokens(cache.gpu_memory_utilization) // cache.block_size
             if self.num_blocks < 1:
-                raise ValueError(f"gpu_memory_utilization={c.gpu_memory_utilization} leaves no room for a "
-                                 f"single KV block of {c.block_size} tokens on {c.hardware.name}")
+                raise ValueError(f"gpu_memory_utilization={cache.gpu_memory_utilization} leaves no room for a "
+                                 f"single KV block of {cache.block_size} tokens on {c.hardware.name}")
         self.now = 0.0
 
     def make_sequence(self, request: Request) -> Sequence:
         """A request as the engine would queue it; refuses (ValueError) what the engine refuses."""
         c, n = self.config, len(request.prompt_token_ids)
-        if n < 1:
-            raise ValueError(f"request {request.request_id}: prompt_token_ids is empty")
-        if n > c.resolved_max_model_len:
-            raise ValueError(f"request {request.request_id}: prompt of {n} tokens is longer than "
-                             f"max_model_len={c.resolved_max_model_len}")
-        longest = min(n + request.output_len, c.resolved_max_model_len)
-        need = -(-longest // c.block_size)
-        if need > self.num_blocks:
-            raise ValueError(f"request {request.request_id}: prompt of {n} tokens plus output_len="
-                             f"{request.output_len} needs {need} KV blocks, but the cache has only "
-                             f"{self.num_blocks}")
+        try:
+            if n < 1:
+                raise ValueError("prompt_token_ids is empty: a request needs at least one token")
+            check_request_fits(n, request.output_len, max_model_len=c.max_model_len,
+                               block_size=c.cache_config.block_size, num_blocks=self.num_blocks)
+        except ValueError as e:
+            raise ValueError(f"request {request.request_id}: {e}") from None
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
         return Sequence(request.request_id, request.prompt_token_ids, params, arrival_time=request.arrival_time)
 
@@ -126,11 +101,12 @@ class Simulator:
             raise ValueError("requests must be sorted by arrival_time")
         if len({s.request_id for s in seqs}) < len(seqs):
             raise ValueError("request_id values must be unique")
-        scheduler = Scheduler(BlockManager(self.num_blocks, c.block_size, c.enable_prefix_caching),
-                              max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                              enable_chunked_prefill=c.enable_chunked_prefill, batching_policy=c.batching_policy)
+        cache, sched = c.cache_config, c.scheduler_config
+        scheduler = Scheduler(BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching),
+                              max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+                              enable_chunked_prefill=sched.enable_chunked_prefill, batching_policy=sched.batching_policy)
         # the engine's length stop (max_tokens or max_model_len), as one precomputed total per request
-        stop_at = {s: min(s.num_prompt_tokens + s.sampling_params.max_tokens, c.resolved_max_model_len)
+        stop_at = {s: min(s.num_prompt_tokens + s.sampling_params.max_tokens, c.max_model_len)
                    for s in seqs}
 
         def check_stop(seq: Sequence, token: int) -> bool:
@@ -140,6 +116,7 @@ class Simulator:
             return False
 
         trace: list[StepRecord] = []
+        recorder = StepRecorder()
         self.now, i = 0.0, 0
         while i < len(seqs) or scheduler.has_unfinished():
             if not scheduler.has_unfinished():  # idle: jump to the next arrival
@@ -147,7 +124,7 @@ class Simulator:
             while i < len(seqs) and seqs[i].arrival_time <= self.now:
                 scheduler.add(seqs[i])
                 i += 1
-            record, finished = run_step(scheduler, self._execute, self._clock, check_stop, len(trace))
+            record, finished = run_step(scheduler, self._execute, self._clock, check_stop, len(trace), recorder)
             trace.append(record)
             for seq in finished:
                 seq.finished_time = record.end_time
@@ -167,7 +144,7 @@ class Simulator:
             num_tokens += n
             context += end
             pairs += n * (start + end + 1) / 2
-            if end == len(chunk.seq.token_ids):
+            if chunk.samples:
                 sampled[chunk.seq] = DUMMY_TOKEN
         self.now += self.cost.step_time(len(out.chunks), num_tokens, len(sampled), context, pairs)
         return sampled

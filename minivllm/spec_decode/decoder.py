@@ -38,7 +38,7 @@ class SpeculativeDecoder:
         return the tokens each sampling chunk emits: its accepted drafts and one more."""
         draft_probs = self._propose(out)
         sampling = [c for c in out.chunks if c.samples]
-        logits = self.target.run_model(flatten_chunks(out.chunks, self.target.block_size))
+        logits = self.target.compute_logits(flatten_chunks(out.chunks, self.target.block_size))
         if not sampling:
             return {}
         rows = [1 + len(c.draft_token_ids) for c in sampling]

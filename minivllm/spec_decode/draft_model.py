@@ -37,7 +37,9 @@ class DraftModelProposer:
         if mc.max_position_embeddings < max_model_len:
             raise ValueError(f"speculative_config.model={draft!r} has max_position_embeddings="
                              f"{mc.max_position_embeddings} < max_model_len={max_model_len}")
-        cfg = replace(target_config, model=folder, num_kv_blocks=num_blocks, speculative_config=None)
+        # the target's settings, with as many KV blocks as the target (a draft token per target slot)
+        cfg = replace(target_config, model=folder, speculative_config=None,
+                      cache_config=replace(target_config.cache_config, num_kv_blocks=num_blocks))
         self.runner = ModelRunner(cfg, mc, folder, max_model_len)
         # request id -> (its preemption count, positions the draft has written K/V for) at the last proposal
         self.written: dict[str, tuple[int, int]] = {}
@@ -63,7 +65,7 @@ class DraftModelProposer:
                 chunks = [ScheduledChunk(s, v, s.num_tokens - v) for s in seqs for v in [self._num_valid(s)]]
             else:  # feed the previous guess at the position after the last known token + j - 1
                 chunks = [ScheduledChunk(seqs[i], seqs[i].num_tokens - 1 + j, 1, tuple(tokens[i])) for i in active]
-            logits = self.runner.run_model(flatten_chunks(chunks, self.runner.block_size))
+            logits = self.runner.compute_logits(flatten_chunks(chunks, self.runner.block_size))
             q = Sampler.probs(logits, [seqs[i].sampling_params for i in active])
             for row, i in enumerate(active):
                 tokens[i].append(int(torch.multinomial(q[row], 1, generator=generators[i])))

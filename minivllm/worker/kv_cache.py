@@ -30,18 +30,19 @@ def choose_num_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int, dt
     a profiled forward pass (``peak_forward_bytes``); on the CPU ``kv_cache_memory`` bytes (default:
     enough for ``max_num_seqs`` requests at ``max_model_len``, at most 4 GiB). Budgets are per rank: a
     rank holds only its KV heads (tensor parallel) of its layers (pipeline parallel)."""
-    if cfg.num_kv_blocks is not None:
-        return cfg.num_kv_blocks
-    per_block = bytes_per_block(mc, cfg.block_size, dtype, layout.tp_size,
+    cache = cfg.cache_config
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    per_block = bytes_per_block(mc, cache.block_size, dtype, layout.tp_size,
                                 len(layout.stage_layers(mc.num_hidden_layers)))
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
-        budget = int(total * cfg.gpu_memory_utilization) - (peak_forward_bytes or 0)
-        source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
-    elif cfg.kv_cache_memory is not None:
-        budget, source = cfg.kv_cache_memory, f"kv_cache_memory={cfg.kv_cache_memory}"
+        budget = int(total * cache.gpu_memory_utilization) - (peak_forward_bytes or 0)
+        source = f"gpu_memory_utilization={cache.gpu_memory_utilization}"
+    elif cache.kv_cache_memory is not None:
+        budget, source = cache.kv_cache_memory, f"kv_cache_memory={cache.kv_cache_memory}"
     else:
-        wanted = -(-cfg.max_num_seqs * max_model_len // cfg.block_size) * per_block
+        wanted = -(-cfg.scheduler_config.max_num_seqs * max_model_len // cache.block_size) * per_block
         budget, source = min(wanted, DEFAULT_CPU_KV_CACHE_BYTES), "the CPU default"
     num_blocks = budget // per_block
     if num_blocks < 1:

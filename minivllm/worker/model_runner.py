@@ -54,14 +54,14 @@ class ModelRunner:
     parallel a rank holds its stage's layers, and `minivllm.executor.worker_proc` passes the hidden
     states between stages."""
 
-    last_comm: tuple = ()  # the step's collectives, per rank: none in one process (see minivllm.distributed)
+    last_comm: tuple = ()  # part of the `Executor` interface: one process makes no collectives
 
     def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int,
-                 layout: RankLayout = RankLayout()):
+                 layout: RankLayout = RankLayout(), device: torch.device | None = None):
         self.cfg, self.mc, self.layout = cfg, mc, layout
-        self.device = cfg.torch_device
+        self.device = device or cfg.torch_device  # a worker process is given its own GPU
         self.dtype = resolve_dtype(cfg.dtype, mc.dtype, self.device)
-        self.block_size = cfg.block_size
+        self.block_size = cfg.cache_config.block_size
         self.attention_backend = cfg.resolved_attention_backend
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -96,30 +96,39 @@ class ModelRunner:
         return dict(zip([c.seq for c in out.chunks if c.samples], tokens))
 
     @torch.inference_mode()
-    def execute_batch(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Run one flat batch; the sampled tokens in ``batch.sampling`` order, or None on a rank
-        that does not sample (tensor-parallel ranks other than 0 still join the LM head's gather).
-        A pipeline stage before the last returns what `run_model` does."""
-        logits = self.run_model(batch, intermediate)
-        if not self.layout.is_last_stage:
-            return logits
-        if logits is None:
+    def execute_batch(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> list[int]:
+        """The last pipeline stage (or the whole model): run one flat batch and sample; the tokens in
+        ``batch.sampling`` order, [] on a rank that does not sample (tensor-parallel ranks other than 0
+        still compute the logits: they join the LM head's gather)."""
+        logits = self.compute_logits(batch, intermediate)
+        if logits is None or not self.layout.samples:
             return []
-        if not self.layout.samples:
-            return None
         gens = [self._generator_for(rid, params) for rid, params in batch.sampling]
         return self.sampler(logits, [params for _, params in batch.sampling], gens, self.generator)
 
     @torch.inference_mode()
-    def run_model(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Run one flat batch (writing its K/V); the logits at ``batch.logits_rows``, None if none.
-        On a pipeline stage before the last: the ``(hidden, residual)`` pair the next stage continues
-        from, which it passes in as ``intermediate``."""
-        inp = self.build_input(batch)
-        hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate)
+    def compute_logits(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> torch.Tensor | None:
+        """The last pipeline stage (or the whole model): run one flat batch, writing its K/V; the
+        logits at ``batch.logits_rows``, None if it has none."""
         if not self.layout.is_last_stage:
-            return hidden
-        return self.model.compute_logits(hidden[inp.logits_rows]) if batch.logits_rows else None
+            raise ValueError(f"pipeline stage {self.layout.pp_rank} is not the last: use compute_hidden")
+        hidden, logits_rows = self._forward(batch, intermediate)
+        return self.model.compute_logits(hidden[logits_rows]) if batch.logits_rows else None
+
+    @torch.inference_mode()
+    def compute_hidden(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pipeline stage before the last: run its layers on one flat batch, writing their K/V; the
+        ``(hidden, residual)`` pair the next stage continues from (its ``intermediate``)."""
+        if self.layout.is_last_stage:
+            raise ValueError(f"pipeline stage {self.layout.pp_rank} is the last: use compute_logits")
+        return self._forward(batch, intermediate)[0]
+
+    def _forward(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None):
+        inp = self.build_input(batch)
+        return self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate), inp.logits_rows
 
     def prepare_input(self, chunks: list[ScheduledChunk]) -> ModelInput:
         return self.build_input(flatten_chunks(chunks, self.block_size))
@@ -162,7 +171,7 @@ class ModelRunner:
     def _profile_peak_memory(self, max_model_len: int) -> int:
         """Peak CUDA memory of the weights plus one forward pass of a full token budget, run over a
         throwaway cache just big enough for it."""
-        n = min(self.cfg.max_num_batched_tokens, max_model_len)
+        n = min(self.cfg.scheduler_config.max_num_batched_tokens, max_model_len)
         blocks = -(-n // self.block_size)
         bm = BlockManager(blocks, self.block_size, enable_prefix_caching=False)
         seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
@@ -177,7 +186,7 @@ class ModelRunner:
                                  for _ in range(2))
         hidden = self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate)
         if self.layout.is_last_stage:
-            self.model.compute_logits(hidden[:min(self.cfg.max_num_seqs, n)])  # a full batch of logits
+            self.model.compute_logits(hidden[:min(self.cfg.scheduler_config.max_num_seqs, n)])  # a full batch of logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for layer in self.attention_layers:  # drop the throwaway cache before the real one is made

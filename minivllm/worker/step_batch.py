@@ -45,5 +45,6 @@ def flatten_chunks(chunks: list[ScheduledChunk], block_size: int) -> StepBatch:
             batch.logits_rows += range(first, len(batch.input_ids))
             batch.sampling.append((seq.request_id, seq.sampling_params))
         entry = (row, c.num_new_tokens, end, table)
+        # split by query length for the attention kernel's single-query path, not by `ScheduledChunk.is_prefill`
         (batch.decodes if c.num_new_tokens == 1 else batch.prefills).append(entry)
     return batch

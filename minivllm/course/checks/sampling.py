@@ -175,7 +175,7 @@ def check_engine():
 
 def _stage_engine(sample: SampleFn, max_tokens: int = 16) -> str:
     llm = check_engine()
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.executor
     greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     stock = [o.outputs[0].token_ids for o in llm.generate(ENGINE_PROMPTS, greedy, use_tqdm=False)]
     settings = [greedy, SamplingParams(temperature=0.8, top_k=1, max_tokens=max_tokens, ignore_eos=True),

@@ -1,0 +1,41 @@
+"""What the engine needs from whatever runs the model, and the choice between the two that exist.
+
+`minivllm.worker.model_runner.ModelRunner` runs the whole model in this process; `MultiprocExecutor`
+runs one worker process per rank (tensor x pipeline parallel). The engine talks to either through
+the same five members, so it never asks which one it has.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from minivllm.config.engine import EngineConfig
+from minivllm.config.model import ModelConfig
+from minivllm.core.records import RankComm
+from minivllm.core.scheduler import SchedulerOutput
+from minivllm.core.sequence import Sequence
+from minivllm.distributed.layout import check_parallel_sizes
+
+
+class Executor(Protocol):
+    num_blocks: int  # KV blocks every rank can hold (the smallest over the ranks)
+    last_comm: tuple[RankComm, ...]  # the last step's collectives, one record per rank; () in one process
+
+    def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
+        """Run the scheduled chunks; the token sampled for each chunk that samples."""
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's per-request state (its seeded generator)."""
+
+    def close(self) -> None:
+        """Free the model; stop worker processes."""
+
+
+def make_executor(cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0) -> Executor:
+    """The model in this process when nothing is split, else one worker process per rank. Sizes are
+    checked against the model first, so a bad one raises ValueError before any process starts."""
+    check_parallel_sizes(cfg, mc)
+    if cfg.world_size == 1:
+        from minivllm.worker.model_runner import ModelRunner
+        return ModelRunner(cfg, mc, folder, max_model_len)
+    from minivllm.executor.multiproc import MultiprocExecutor
+    return MultiprocExecutor(cfg, mc, folder, max_model_len, dp_rank)
