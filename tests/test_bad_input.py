@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from minivllm import LLM, SamplingParams
 
@@ -71,6 +72,11 @@ def test_sampling_params_out_of_range(field, value):
     (dict(kv_cache_memory=10), r"kv_cache_memory=10 leaves 10 bytes"),
     (dict(blocksize=4), r"unknown engine argument\(s\) blocksize; LLM accepts dtype, "),
     (dict(attention_backend="cuda"), r"attention_backend='cuda'"),
+    (dict(enable_prefix_caching="yes"), r"enable_prefix_caching='yes' must be a bool"),
+    (dict(sampler="greedy"), r"sampler='greedy' must be a function"),
+    (dict(rejection_sampler=lambda *a: [0]), r"rejection_sampler is used only with speculative_config"),
+    (dict(row_parallel_linear_class=int), r"row_parallel_linear_class=<class 'int'> must be a subclass"),
+    (dict(row_parallel_linear_class=torch.nn.Linear), r"must be a subclass of minivllm.layers.linear.RowParallelLinear"),
 ])
 def test_bad_engine_settings(checkpoint, kwargs, match):
     with pytest.raises(ValueError, match=match):

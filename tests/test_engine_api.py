@@ -125,3 +125,34 @@ def test_static_batching_admits_only_between_batches(checkpoint, llm):
         decoding &= bool(active)
     batches = [r.step for r in static.llm_engine.trace if r.finished and r.num_running == 0]
     assert len(batches) >= 2, "six requests with max_num_seqs=4 need at least two batches"
+
+
+# ---- the door for a learner's piece: engine arguments ---------------------------------------------
+def test_a_plugged_sampler_and_row_parallel_layer_run_inside_the_engine(checkpoint, llm):
+    from minivllm.layers.linear import RowParallelLinear
+
+    sampled_rows, layer_calls = [], []
+
+    def greedy(logits, params, generators, default_generator):
+        sampled_rows.append(len(params))
+        return logits.argmax(-1).tolist()
+
+    class CountingRowParallelLinear(RowParallelLinear):
+        def forward(self, x):
+            layer_calls.append(x.shape[-1])
+            return super().forward(x)
+
+    stock = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    with LLM(checkpoint("qwen3"), max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, sampler=greedy,
+             row_parallel_linear_class=CountingRowParallelLinear) as plugged:
+        mine = [o.outputs[0].token_ids for o in plugged.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert mine == stock
+    assert sum(sampled_rows) == len(PROMPTS) * GREEDY.max_tokens
+    assert layer_calls and set(layer_calls) == {64, 128}  # o_proj (4 heads of 16) and down_proj (MLP 128)
+
+
+def test_a_piece_defined_in_a_notebook_is_refused_before_workers_start(checkpoint):
+    in_main = eval("lambda logits, params, generators, default_generator: []", {"__name__": "__main__"})
+    assert in_main.__module__ == "__main__"  # as a function defined in a notebook cell is
+    with pytest.raises(ValueError, match=r"sampler=.* cannot be sent to the worker processes .*defined in __main__"):
+        LLM(checkpoint("qwen3"), tensor_parallel_size=2, sampler=in_main)

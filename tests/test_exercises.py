@@ -16,7 +16,7 @@ import nbformat
 import pytest
 import torch
 
-from minivllm import LLM, SamplingParams
+from minivllm import LLM
 from minivllm.config.engine import EngineConfig
 from minivllm.core.block_manager import BlockManager, BlockManagerBase, chain_hash
 from minivllm.core.policy import ContinuousBatching, StaticBatching
@@ -268,19 +268,13 @@ def test_check_reports_bad_return_values():
         assert not result and result.failure.startswith(words), result.failure
 
 
-def test_engine_sampler_is_restored_after_the_check():
-    llm = checks.check_engine()
-    before = llm.llm_engine.executor.sampler
-    sampling_checks._stage_engine(make_sampler())
-
+def test_the_check_plugs_the_sampler_in_as_an_engine_argument():
     def broken(logits, params, generator):
         raise RuntimeError("boom")
 
-    with pytest.raises(checks.CheckFailed, match="inside the engine"):
+    with pytest.raises(checks.CheckFailed, match="inside the engine .*raised RuntimeError: boom"):
         sampling_checks._stage_engine(broken)
-    assert llm.llm_engine.executor.sampler is before
-    out = llm.generate("def f", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 3
+    assert sampling_checks._stage_engine(make_sampler()).startswith("plugged into the engine")
 
 
 def test_exercise_notebooks_exist_in_pairs():
@@ -670,9 +664,7 @@ def test_rejection_check_reports_bad_return_values(returned, words):
     assert not result and words in result.failure, result.failure
 
 
-def test_rejection_check_reports_engine_failures_and_restores_the_verifier(monkeypatch):
-    from minivllm.spec_decode.rejection_sampler import rejection_sample
-
+def test_rejection_check_reports_engine_failures(monkeypatch):
     def broken(draft_tokens, draft_probs, target_probs, generator=None):
         raise RuntimeError("boom")
 
@@ -689,10 +681,6 @@ def test_rejection_check_reports_engine_failures_and_restores_the_verifier(monke
     monkeypatch.setattr(verify_checks, "_outside_support", lambda *args: None)  # then the acceptance count catches it
     with pytest.raises(checks.CheckFailed, match=engine + r", greedy: your verify accepted none of the \d+ drafts"):
         verify_checks._stage_verify_engine(make_verifier(never_accept=True))
-    for method in ("draft_model", "ngram"):
-        llm = checks.spec_check_engine(method)
-        assert llm.llm_engine.spec_decoder.verify is rejection_sample
-        assert not llm.llm_engine.has_unfinished_requests()
     result = checks.check_rejection_sampler("verify", verbose=False)
     assert result.failure.startswith("verify='verify' must be a function"), result.failure
 

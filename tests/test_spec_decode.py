@@ -170,10 +170,8 @@ def course_reference():
 
 def sampled_tokens(verifier=None) -> torch.Tensor:
     """The first three tokens of NUM_SAMPLES seeded requests, temperature 1, draft model with k=2."""
-    llm = LLM(course.model_path("target"), seed=0,
+    llm = LLM(course.model_path("target"), seed=0, rejection_sampler=verifier,
               speculative_config=spec("draft_model", 2, course.model_path("draft")))
-    if verifier is not None:
-        llm.llm_engine.spec_decoder.verify = verifier
     params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i) for i in range(NUM_SAMPLES)]
     outs = llm.generate([CONTEXT] * NUM_SAMPLES, params, use_tqdm=False)
     assert sum(o.metrics.spec_decode.num_accepted for o in outs) > NUM_SAMPLES / 4

@@ -1,21 +1,14 @@
 """The engine's configuration, in vLLM's parts: `model.ModelConfig` (the checkpoint's config.json),
-`speculative.SpeculativeConfig`, `parallel` (how a pipeline splits the layers) and `engine.EngineConfig`
-(everything `LLM(model, **kwargs)` takes). Only `engine` imports torch, so the simulator can read a
-checkpoint's shape through `model` without it; ``from minivllm.config import EngineConfig`` loads it lazily.
+`cache.CacheConfig`, `scheduler.SchedulerConfig`, `parallel.ParallelConfig` and
+`speculative.SpeculativeConfig`, composed into `engine.EngineConfig` (everything `LLM(model, **kwargs)`
+takes; `parts` routes those flat arguments). Only `engine` imports torch: the simulator reuses the
+others without it, and ``from minivllm.config import EngineConfig`` loads it on first use.
 """
-from __future__ import annotations
+from minivllm._lazy import lazy_attributes
 
-import importlib
-
-_LAZY = {"EngineConfig": "engine", "resolve_dtype": "engine", "ModelConfig": "model",
-         "SpeculativeConfig": "speculative"}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'minivllm.config' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"minivllm.config.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+_HOMES = {"EngineConfig": "minivllm.config.engine", "resolve_dtype": "minivllm.config.engine",
+          "CacheConfig": "minivllm.config.cache", "SchedulerConfig": "minivllm.config.scheduler",
+          "ParallelConfig": "minivllm.config.parallel", "ModelConfig": "minivllm.config.model",
+          "SpeculativeConfig": "minivllm.config.speculative"}
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)
+__all__ = list(_HOMES)

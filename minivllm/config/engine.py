@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -29,7 +30,12 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"  # "torch" (reference), "triton" (kernels/); auto: triton on CUDA
-    block_manager_class: type = BlockManager  # exercise 02 plugs a learner's subclass in here
+    # The door for a learner's own piece (the exercises): each replaces the engine's stock one.
+    # batching_policy, the fifth, is the scheduler part's (the simulator takes it too).
+    sampler: Callable | None = None  # (logits, params, generators, default_generator) -> tokens; None: Sampler()
+    block_manager_class: type = BlockManager  # a BlockManagerBase subclass
+    rejection_sampler: Callable | None = None  # (draft_tokens, draft_probs, target_probs, generator) -> tokens
+    row_parallel_linear_class: type | None = None  # a RowParallelLinear subclass; None: the stock layer
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
@@ -75,10 +81,22 @@ class EngineConfig:
             if self.world_size > 1:
                 raise ValueError(f"speculative_config needs a single process, but the parallel sizes give "
                                  f"{self.world_size} ranks")
+        self._check_plugged_pieces()
+
+    def _check_plugged_pieces(self) -> None:
+        for name in ("sampler", "rejection_sampler"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a function (or None for the stock one)")
+        if self.rejection_sampler is not None and self.speculative_config is None:
+            raise ValueError("rejection_sampler is used only with speculative_config: set both")
         cls = self.block_manager_class
         if not (isinstance(cls, type) and issubclass(cls, BlockManagerBase)):
             raise ValueError(f"block_manager_class={cls!r} must be a subclass of "
                              "minivllm.core.block_manager.BlockManagerBase")
+        cls = self.row_parallel_linear_class  # that it is a RowParallelLinear the model builder checks
+        if cls is not None and not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise ValueError(f"row_parallel_linear_class={cls!r} must be a subclass of "
+                             "minivllm.layers.linear.RowParallelLinear")
 
     def _check_devices(self) -> None:
         """The parallel settings against the devices this machine has."""
@@ -96,8 +114,8 @@ class EngineConfig:
 
     def for_workers(self) -> "EngineConfig":
         """This config as the worker processes get it: they never allocate blocks or schedule, so the
-        driver's block manager class and batching policy stay behind (a learner's, defined in a
-        notebook, could not be pickled to them)."""
+        block manager class and the batching policy stay with the driver (a learner's, defined in a
+        notebook, could not be pickled to them); the sampler and the row-parallel layer go along."""
         return replace(self, block_manager_class=BlockManager,
                        scheduler_config=replace(self.scheduler_config, batching_policy="continuous"))
 

@@ -7,9 +7,12 @@ naming it, instead of leaving the driver waiting on a collective that will never
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
+import pickle
 import socket
 import time
+import types
 import weakref
 from multiprocessing.connection import Connection, wait
 
@@ -30,6 +33,28 @@ class WorkerError(RuntimeError):
     """A worker process died or raised; the engine that owned it is closed."""
 
 
+def check_sendable(cfg: EngineConfig) -> None:
+    """Refuse, before any process starts, a plugged-in piece the workers could not import: spawned
+    processes start empty, and pickle sends a function or class by its module and name, so one
+    defined in a notebook or a script's ``__main__`` is nowhere for them to find."""
+    for name in ("sampler", "row_parallel_linear_class"):
+        piece = getattr(cfg, name)
+        if piece is None:
+            continue
+        try:
+            _MainRefusingPickler(io.BytesIO()).dump(piece)
+        except Exception as e:
+            raise ValueError(f"{name}={piece!r} cannot be sent to the worker processes ({e}): define it in a "
+                             "module they can import, not in a notebook") from None
+
+
+class _MainRefusingPickler(pickle.Pickler):
+    def persistent_id(self, obj):  # called for every object pickled, classes and functions included
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            raise pickle.PicklingError(f"{obj.__qualname__} is defined in __main__")
+        return None
+
+
 class MultiprocExecutor:
     """Runs one replica's ranks (tensor x pipeline) in spawned processes: an `Executor`
     (`minivllm.executor.base`), like `ModelRunner` in one process."""
@@ -43,6 +68,7 @@ class MultiprocExecutor:
         self._released: list[str] = []
         self._closed_because: str | None = None
         worker_cfg = cfg.for_workers()
+        check_sendable(worker_cfg)
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         first_device = dp_rank * len(self.layouts)

@@ -19,26 +19,12 @@ simulator's labs and the Cinema need no torch.
 | 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
 """
-from __future__ import annotations
+from minivllm._lazy import lazy_attributes
 
-import importlib
-
-_LAZY = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png": "base",
-         "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
-         "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
-         "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "ParallelLab": "parallel",
-         "SpecDecodeLab": "spec", "SpecRun": "spec"}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'minivllm.lab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"minivllm.lab.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+_MODULES = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png": "base",
+            "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
+            "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
+            "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "ParallelLab": "parallel",
+            "SpecDecodeLab": "spec", "SpecRun": "spec"}
+__getattr__, __dir__ = lazy_attributes(__name__, {name: f"minivllm.lab.{m}" for name, m in _MODULES.items()})
+__all__ = list(_MODULES)

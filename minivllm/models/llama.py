@@ -30,6 +30,8 @@ from minivllm.models.moe import SparseMoeBlock
 class Variant:
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
+    # o_proj's and down_proj's layer: the stock one, or a learner's (`row_parallel_linear_class=`, exercise 08)
+    row_parallel_linear: type[RowParallelLinear] = RowParallelLinear
 
 
 class DecoderAttention(nn.Module):
@@ -40,7 +42,7 @@ class DecoderAttention(nn.Module):
                                           bias=variant.qkv_bias or cfg.attention_bias,
                                           tp_rank=tp_rank, tp_size=tp_size)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.attention_bias,
+        self.o_proj = variant.row_parallel_linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.attention_bias,
                                         tp_rank=tp_rank, tp_size=tp_size)
         self.rotary_emb = RotaryEmbedding(d, cfg.max_position_embeddings, cfg.rope_parameters)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, scale=d ** -0.5)
@@ -63,12 +65,12 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_rank: int, tp_size: int):
+    def __init__(self, cfg: ModelConfig, variant: Variant, tp_rank: int, tp_size: int):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
                                                        bias=cfg.mlp_bias, tp_rank=tp_rank, tp_size=tp_size)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias,
-                                           tp_rank=tp_rank, tp_size=tp_size)
+        self.down_proj = variant.row_parallel_linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias,
+                                                     tp_rank=tp_rank, tp_size=tp_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(cfg, variant, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (SparseMoeBlock(cfg, tp_rank, tp_size, expert_parallel) if cfg.is_moe_layer(index)
-                    else DecoderMLP(cfg, tp_rank, tp_size))
+                    else DecoderMLP(cfg, variant, tp_rank, tp_size))
 
     def forward(self, positions, x, residual, meta):
         if residual is None:

@@ -1,7 +1,10 @@
 """Which Hugging Face architecture is served by which model class."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from minivllm.config.model import ModelConfig
+from minivllm.layers.linear import RowParallelLinear
 from minivllm.models.llama import DecoderForCausalLM, Variant
 
 ARCHITECTURES: dict[str, Variant] = {
@@ -12,10 +15,15 @@ ARCHITECTURES: dict[str, Variant] = {
 }
 
 
-def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1,
-                layers: range | None = None, expert_parallel: bool = False) -> DecoderForCausalLM:
+def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
+                expert_parallel: bool = False, row_parallel_linear_class: type | None = None) -> DecoderForCausalLM:
     variant = ARCHITECTURES.get(cfg.architecture)
     if variant is None:
         raise ValueError(f"architectures=[{cfg.architecture!r}] is not supported; "
                          f"supported: {sorted(ARCHITECTURES)}")
+    if row_parallel_linear_class is not None:
+        if not (isinstance(row_parallel_linear_class, type) and issubclass(row_parallel_linear_class, RowParallelLinear)):
+            raise ValueError(f"row_parallel_linear_class={row_parallel_linear_class!r} must be a subclass of "
+                             "minivllm.layers.linear.RowParallelLinear")
+        variant = replace(variant, row_parallel_linear=row_parallel_linear_class)
     return DecoderForCausalLM(cfg, variant, tp_rank, tp_size, layers, expert_parallel)

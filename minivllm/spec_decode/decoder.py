@@ -27,7 +27,7 @@ class SpeculativeDecoder:
     def __init__(self, spec: SpeculativeConfig, config: EngineConfig, target_model: ModelConfig,
                  target: ModelRunner, block_manager: BlockManagerBase, max_model_len: int):
         self.target, self.block_manager = target, block_manager
-        self.verify = rejection_sampler.rejection_sample  # exercise 07 swaps in the learner's
+        self.verify = config.rejection_sampler or rejection_sampler.rejection_sample
         self.ngram = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
                       if spec.method == "ngram" else None)
         self.draft = (DraftModelProposer(spec.model, config, target_model, target.num_blocks, max_model_len)

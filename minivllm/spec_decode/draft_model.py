@@ -38,7 +38,7 @@ class DraftModelProposer:
             raise ValueError(f"speculative_config.model={draft!r} has max_position_embeddings="
                              f"{mc.max_position_embeddings} < max_model_len={max_model_len}")
         # the target's settings, with as many KV blocks as the target (a draft token per target slot)
-        cfg = replace(target_config, model=folder, speculative_config=None,
+        cfg = replace(target_config, model=folder, speculative_config=None, rejection_sampler=None,
                       cache_config=replace(target_config.cache_config, num_kv_blocks=num_blocks))
         self.runner = ModelRunner(cfg, mc, folder, max_model_len)
         # request id -> (its preemption count, positions the draft has written K/V for) at the last proposal

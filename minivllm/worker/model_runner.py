@@ -68,7 +68,7 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 self.model = build_model(mc, layout.tp_rank, layout.tp_size, layout.stage_layers(mc.num_hidden_layers),
-                                         layout.expert_parallel)
+                                         layout.expert_parallel, cfg.row_parallel_linear_class)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, folder)
@@ -79,7 +79,7 @@ class ModelRunner:
             choose_num_blocks(cfg, mc, max_model_len, self.dtype, self.device, peak, layout), self.device)
         self.kv_cache = allocate_kv_cache(mc, self.num_blocks, self.block_size, self.dtype, self.device, layout)
         self._bind_cache(self.kv_cache)
-        self.sampler = Sampler()
+        self.sampler = cfg.sampler or Sampler()
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.request_generators: dict[str, torch.Generator] = {}
 

@@ -19,10 +19,10 @@ from minivllm.course.checks.block_manager import BlockManagerRun, check_block_ma
 from minivllm.course.checks.paged_decode import check_paged_decode
 from minivllm.course.checks.rejection_sampler import check_rejection_sampler, spec_check_engine
 from minivllm.course.checks.row_parallel import check_row_parallel_linear
-from minivllm.course.checks.sampling import LearnerSampler, check_engine, check_sampling, describe, reference_probs
+from minivllm.course.checks.sampling import LearnerSampler, check_sampling, describe, reference_probs
 from minivllm.course.checks.scheduling_policy import check_scheduling_policy
 
 __all__ = ["BlockManagerRun", "CheckFailed", "CheckResult", "HISTORY", "LearnerSampler", "check_block_manager",
-           "check_engine", "check_paged_decode", "check_rejection_sampler", "check_row_parallel_linear",
+           "check_paged_decode", "check_rejection_sampler", "check_row_parallel_linear",
            "check_sampling", "check_scheduling_policy", "chi_square_pvalue", "describe", "reference_probs",
            "spec_check_engine", "stock_block_manager_run"]

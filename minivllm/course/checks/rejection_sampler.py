@@ -189,24 +189,29 @@ def _stage_verify_distribution(verify: VerifyFn, trials: int = VERIFY_TRIALS) ->
             "the residual excludes was ever emitted")
 
 
-@functools.lru_cache(maxsize=3)
-def spec_check_engine(method: str | None):
-    """The course target with ``method``'s speculation (None: none), built once per process."""
+def spec_check_engine(method: str | None, verify: VerifyFn | None = None):
+    """The course target with ``method``'s speculation (None: none) and ``verify`` as its rejection
+    sampler (None: the stock one), plugged in as every engine piece is: an engine argument."""
     from minivllm import LLM, course
 
     spec = method and {"method": method, "num_speculative_tokens": VERIFY_K,
                        **({"model": course.model_path("draft")} if method == "draft_model" else {})}
     with quiet_engine_logs():
-        return LLM(course.model_path("target"), max_model_len=256, max_num_seqs=16, seed=0, speculative_config=spec)
+        return LLM(course.model_path("target"), max_model_len=256, max_num_seqs=16, seed=0, speculative_config=spec,
+                   rejection_sampler=verify)
+
+
+@functools.lru_cache(maxsize=1)
+def tokens_without_speculation() -> list[list[int]]:
+    with spec_check_engine(None) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(ENGINE_PROMPTS, VERIFY_GREEDY, use_tqdm=False)]
 
 
 def _stage_verify_engine(verify: VerifyFn) -> str:
-    want = [o.outputs[0].token_ids for o in spec_check_engine(None).generate(ENGINE_PROMPTS, VERIFY_GREEDY,
-                                                                              use_tqdm=False)]
+    want = tokens_without_speculation()
     accepted = {}
     for method in ("draft_model", "ngram"):
         engine = f"inside the engine ({method}, k={VERIFY_K})"
-        decoder = spec_check_engine(method).llm_engine.spec_decoder
 
         def audited(draft_tokens, draft_probs, target_probs, generator=None):
             where = f"{engine}: drafts {draft_tokens}, {_q_kind(draft_probs)}"
@@ -216,16 +221,14 @@ def _stage_verify_engine(verify: VerifyFn) -> str:
                 raise CheckFailed(f"{where}: {why}")
             return out
 
-        original, decoder.verify = decoder.verify, audited
-        try:
-            greedy = spec_check_engine(method).generate(ENGINE_PROMPTS, VERIFY_GREEDY, use_tqdm=False)
-            spec_check_engine(method).generate(ENGINE_PROMPTS, VERIFY_SAMPLED, use_tqdm=False)
-        except CheckFailed:
-            raise
-        except Exception as e:  # the engine choked on what verify() returned
-            raise CheckFailed(f"{engine}: LLM.generate raised {type(e).__name__}: {e}") from None
-        finally:
-            decoder.verify = original
+        with spec_check_engine(method, audited) as llm:
+            try:
+                greedy = llm.generate(ENGINE_PROMPTS, VERIFY_GREEDY, use_tqdm=False)
+                llm.generate(ENGINE_PROMPTS, VERIFY_SAMPLED, use_tqdm=False)
+            except CheckFailed:
+                raise
+            except Exception as e:  # the engine choked on what verify() returned
+                raise CheckFailed(f"{engine}: LLM.generate raised {type(e).__name__}: {e}") from None
         for out, tokens in zip(greedy, want):
             diff = token_mismatch(out.outputs[0].token_ids, tokens, "with your verify", "without speculation")
             if diff:

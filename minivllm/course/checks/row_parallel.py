@@ -1,26 +1,32 @@
 """The check of exercise 08: the row-parallel linear layer."""
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from minivllm.course.checks.base import CheckFailed, CheckResult, is_not_implemented, run_stages
+from minivllm.course.checks.base import (ENGINE_PROMPTS, CheckFailed, CheckResult, check_model_folder,
+                                         is_not_implemented, quiet_engine_logs, run_stages, token_mismatch)
+from minivllm.sampling_params import SamplingParams
 
 # The learner writes two functions: ``input_shard(x, rank, world_size)``, the slice of the layer's
 # input that a rank multiplies, and ``row_parallel_forward(self, x)``, the forward of
-# `minivllm.layers.linear.RowParallelLinear` on that slice. The check runs them in two gloo processes:
-# each rank builds the stock layer, loads its shard of the full weight with the stock
-# ``weight_loader``, swaps in the learner's forward as ``RowParallelLinear.forward`` and calls the
-# layer, so the learner's code runs where the engine runs its own.
+# `minivllm.layers.linear.RowParallelLinear` on that slice. The forward becomes a subclass of the
+# stock layer, plugged in as every learner's piece is, as an engine argument
+# (``row_parallel_linear_class=``): the check runs it in two gloo processes, each rank loading its
+# shard of the full weight with the stock ``weight_loader``, then in the engine with
+# ``tensor_parallel_size=2``.
 #
 # Spawned processes start empty, and a function defined in a notebook cell lives in ``__main__``,
-# which they cannot import (pickle sends functions by their module and name). So the check sends
-# the forward's *source* (`inspect.getsource`) and each rank executes it in a namespace holding
-# what the layer's own module imports (`ROW_PARALLEL_NAMESPACE`): the learner's function must use
-# only those names. ``input_shard`` runs in this process, so it needs no such care.
+# which they cannot import (pickle sends functions and classes by their module and name). So the
+# check writes the forward's *source* (`inspect.getsource`) into a module of its own, after what the
+# layer's own module imports (`ROW_PARALLEL_NAMESPACE`), in a folder on ``sys.path`` (which spawned
+# processes inherit): the learner's function must use only those names. ``input_shard`` runs in this
+# process, so it needs no such care.
 
 ROW_PARALLEL_WORLD = 2
 # (what the case is, input shape, output features, bias); none is the exercise notebook's own example.
@@ -35,28 +41,26 @@ ROW_PARALLEL_NAMESPACE = "import torch\nimport torch.distributed as dist\nimport
 ROW_PARALLEL_TIMEOUT_S = 60.0  # the whole run: two fresh processes import torch, then a few tiny matmuls
 ROW_PARALLEL_STRAGGLER_S = 10.0  # once one rank has answered, how long the other may take
 ROW_PARALLEL_RAISE_GRACE_S = 2.0  # once one rank has raised, how long the others may take to report theirs
+ENGINE_SETTINGS = dict(max_model_len=256, max_num_seqs=8, seed=0, tensor_parallel_size=ROW_PARALLEL_WORLD)
+ENGINE_MAX_TOKENS = 12
+_module_numbers = itertools.count()  # a fresh module name for each learner layer built in this process
 
 
-def _row_parallel_rank(rank: int, init_method: str, source: str, name: str, cases: list, conn) -> None:
-    """One rank of the check (runs in a spawned process): the stock layer with the learner's
-    forward. Sends ``("done", [(output, all_reduce calls)] per case)`` or ``("raised", case, what,
-    whether it is the skeleton's NotImplementedError)``."""
+def _row_parallel_rank(rank: int, init_method: str, layer_class: type, cases: list, conn) -> None:
+    """One rank of the check (runs in a spawned process): the learner's layer. Sends ``("done",
+    [(output, all_reduce calls)] per case)`` or ``("raised", case, what, whether it is the skeleton's
+    NotImplementedError)``."""
     import torch.distributed as dist
 
     from minivllm.distributed.comm import count_collectives
-    from minivllm.layers.linear import RowParallelLinear
 
     torch.set_num_threads(1)
     case = None
     try:
-        namespace: dict = {}
-        exec(ROW_PARALLEL_NAMESPACE, namespace)
-        exec(compile(source, f"<your {name}>", "exec"), namespace)
-        RowParallelLinear.forward = namespace[name]
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=ROW_PARALLEL_WORLD)
         outputs = []
         for case, (x, weight, bias) in enumerate(cases):
-            layer = RowParallelLinear(weight.shape[1], weight.shape[0], bias is not None, rank, ROW_PARALLEL_WORLD)
+            layer = layer_class(weight.shape[1], weight.shape[0], bias is not None, rank, ROW_PARALLEL_WORLD)
             layer.weight_loader(layer.weight, weight)
             if bias is not None:
                 layer.weight_loader(layer.bias, bias)
@@ -121,7 +125,29 @@ def _stage_input_shard(input_shard: Callable, cases: list) -> str:
             f"multiplies, in {len(cases)} shapes")
 
 
-def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
+def learner_layer_class(forward: Callable, folder: str) -> type:
+    """A `RowParallelLinear` subclass whose forward is ``forward``, rebuilt from its source as module
+    ``minivllm_learner_row_parallel_N`` in ``folder`` (put on ``sys.path``), so that worker
+    processes can import it by name."""
+    import importlib
+    import os
+    import sys
+
+    source = _learner_source(forward, "row_parallel_forward")
+    module = f"minivllm_learner_row_parallel_{next(_module_numbers)}"
+    with open(os.path.join(folder, module + ".py"), "w") as f:
+        f.write(ROW_PARALLEL_NAMESPACE + "from minivllm.layers.linear import RowParallelLinear\n\n\n" + source +
+                f"\n\nclass LearnerRowParallelLinear(RowParallelLinear):\n    forward = {forward.__name__}\n")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module).LearnerRowParallelLinear
+    except Exception as e:
+        raise CheckFailed(f"your row_parallel_forward, alone in a module, raised {type(e).__name__}: {e}") from None
+
+
+def _run_ranks(layer_class: type, per_rank: list[list]) -> list[list]:
     """Run `_row_parallel_rank` in one spawned process per rank; each rank's [(output, calls)]."""
     import multiprocessing as mp
     import time
@@ -135,7 +161,7 @@ def _run_ranks(source: str, name: str, per_rank: list[list]) -> list[list]:
     for rank in range(ROW_PARALLEL_WORLD):
         parent, child = ctx.Pipe()
         procs.append(ctx.Process(target=_row_parallel_rank, daemon=True,
-                                 args=(rank, init_method, source, name, per_rank[rank], child)))
+                                 args=(rank, init_method, layer_class, per_rank[rank], child)))
         procs[-1].start()
         child.close()
         conns.append(parent)
@@ -188,13 +214,12 @@ def _raised_words(rank: int, replies: dict[int, tuple]) -> str:
     return f"{where}rank {rank}: your forward raised {what}{hint}"
 
 
-def _stage_row_parallel_forward(forward: Callable, input_shard: Callable, cases: list) -> str:
+def _stage_row_parallel_forward(layer_class: type, input_shard: Callable, cases: list) -> str:
     import numpy as np
 
-    source = _learner_source(forward, "row_parallel_forward")
     world = ROW_PARALLEL_WORLD
     per_rank = [[(input_shard(x.clone(), r, world), w, b) for x, w, b in cases] for r in range(world)]
-    results = _run_ranks(source, forward.__name__, per_rank)
+    results = _run_ranks(layer_class, per_rank)
     for i, ((what, *_), (x, weight, bias)) in enumerate(zip(ROW_PARALLEL_CASES, cases)):
         want = F.linear(x, weight, bias)  # the unsplit layer
         for rank in range(world):
@@ -219,6 +244,38 @@ def _stage_row_parallel_forward(forward: Callable, input_shard: Callable, cases:
             f"layer (F.linear on the full weight) on every rank, in {len(cases)} shapes with and without bias")
 
 
+@functools.lru_cache(maxsize=1)
+def stock_tensor_parallel_tokens() -> list[list[int]]:
+    """Greedy tokens of `ENGINE_PROMPTS` from the engine with the stock layer at the same
+    tensor-parallel size, computed once per process."""
+    return _engine_greedy_tokens(None)
+
+
+def _engine_greedy_tokens(layer_class: type | None) -> list[list[int]]:
+    from minivllm import LLM
+
+    greedy = SamplingParams(temperature=0, max_tokens=ENGINE_MAX_TOKENS, ignore_eos=True)
+    with check_model_folder() as folder, quiet_engine_logs(), \
+            LLM(folder, **ENGINE_SETTINGS, row_parallel_linear_class=layer_class) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(ENGINE_PROMPTS, greedy, use_tqdm=False)]
+
+
+def _stage_engine(layer_class: type) -> str:
+    want = stock_tensor_parallel_tokens()
+    try:
+        got = _engine_greedy_tokens(layer_class)
+    except Exception as e:  # a worker's exception arrives as a WorkerError naming the rank
+        raise CheckFailed(f"inside the engine (tensor_parallel_size={ROW_PARALLEL_WORLD}): {type(e).__name__}: "
+                          f"{e}") from None
+    for prompt, mine, stock in zip(ENGINE_PROMPTS, got, want):
+        diff = token_mismatch(mine, stock, "with your layer", "with the stock layer")
+        if diff:
+            raise CheckFailed(f"inside the engine (tensor_parallel_size={ROW_PARALLEL_WORLD}): prompt {prompt!r}: "
+                              f"{diff}")
+    return (f"plugged into the engine (row_parallel_linear_class=, tensor_parallel_size={ROW_PARALLEL_WORLD}): "
+            f"greedy tokens of {len(ENGINE_PROMPTS)} prompts equal the stock layer's")
+
+
 def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Callable, *,
                               verbose: bool = True) -> CheckResult:
     """Exercise 08: ``input_shard(x, rank, world_size)`` is the slice of the input ``x`` that rank
@@ -229,8 +286,24 @@ def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Calla
     1. ``input_shard`` matches the columns the stock weight loader gives each rank;
     2. in two gloo processes (spawned, 127.0.0.1), the stock layer with ``row_parallel_forward`` as
        its forward gives every rank the unsplit layer's output (F.linear on the full weight), for
-       several shapes with and without bias. The forward is sent by its source (see above)."""
+       several shapes with and without bias. The forward is sent by its source (see above);
+    3. the engine with that layer (``row_parallel_linear_class=``, ``tensor_parallel_size=2``) gives the
+       stock layer's greedy tokens."""
+    import sys
+    import tempfile
+
     cases = [_row_parallel_data(c, seed=800 + i) for i, c in enumerate(ROW_PARALLEL_CASES)]
-    return run_stages("check_row_parallel_linear",
-                [lambda: _stage_input_shard(input_shard, cases),
-                 lambda: _stage_row_parallel_forward(row_parallel_forward, input_shard, cases)], verbose)
+    layer: dict[str, type] = {}
+
+    def stage_forward() -> str:
+        layer["class"] = learner_layer_class(row_parallel_forward, folder)
+        return _stage_row_parallel_forward(layer["class"], input_shard, cases)
+
+    with tempfile.TemporaryDirectory(prefix="minivllm-learner-") as folder:
+        try:
+            return run_stages("check_row_parallel_linear",
+                              [lambda: _stage_input_shard(input_shard, cases), stage_forward,
+                               lambda: _stage_engine(layer["class"])], verbose)
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)

@@ -164,32 +164,34 @@ class LearnerSampler:
         return call_sampler(self.sample, logits.float(), params, default_generator)
 
 
+ENGINE_SETTINGS = dict(max_model_len=256, max_num_seqs=16, seed=0)
+
+
 @functools.lru_cache(maxsize=1)
-def check_engine():
-    """The engine the checks plug into (see `check_model_folder`), built once per process."""
+def stock_greedy_tokens(max_tokens: int) -> list[list[int]]:
+    """The engine's own greedy tokens for `ENGINE_PROMPTS`, computed once per process."""
     from minivllm import LLM
 
-    with check_model_folder() as folder, quiet_engine_logs():
-        return LLM(folder, max_model_len=256, max_num_seqs=16, seed=0)
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with check_model_folder() as folder, quiet_engine_logs(), LLM(folder, **ENGINE_SETTINGS) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(ENGINE_PROMPTS, greedy, use_tqdm=False)]
 
 
 def _stage_engine(sample: SampleFn, max_tokens: int = 16) -> str:
-    llm = check_engine()
-    runner = llm.llm_engine.executor
-    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    stock = [o.outputs[0].token_ids for o in llm.generate(ENGINE_PROMPTS, greedy, use_tqdm=False)]
-    settings = [greedy, SamplingParams(temperature=0.8, top_k=1, max_tokens=max_tokens, ignore_eos=True),
+    from minivllm import LLM
+
+    stock = stock_greedy_tokens(max_tokens)
+    settings = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                SamplingParams(temperature=0.8, top_k=1, max_tokens=max_tokens, ignore_eos=True),
                 SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=max_tokens, ignore_eos=True)]
     prompts = [p for _ in settings for p in ENGINE_PROMPTS]
     params = [s for s in settings for _ in ENGINE_PROMPTS]
-    original = runner.sampler
-    runner.sampler = LearnerSampler(sample)
-    try:
-        outs = llm.generate(prompts, params, use_tqdm=False)
+    try:  # the learner's sampler goes in where every engine piece does: as an engine argument
+        with check_model_folder() as folder, quiet_engine_logs(), \
+                LLM(folder, **ENGINE_SETTINGS, sampler=LearnerSampler(sample)) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
     except CheckFailed as e:
         raise CheckFailed(f"inside the engine (LLM.generate): {e}") from None
-    finally:
-        runner.sampler = original
     for j, (out, p) in enumerate(zip(outs, params)):
         want = stock[j % len(ENGINE_PROMPTS)]
         diff = token_mismatch(out.outputs[0].token_ids, want, "with your sampler",
