@@ -43,3 +43,35 @@ def test_repository_root_does_not_hide_hugging_faces_kernels_package():
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("ok")
+
+
+def test_a_wheel_ships_the_kernels_as_minivllm_kernels(tmp_path):
+    """A wheel built from a copy of the sources ships the kernels as `minivllm.kernels` and no top-level
+    `kernels`, and installed (first on sys.path, before the checkout's editable finder) they import."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("minivllm", "kernels"):  # the link minivllm/kernels -> ../kernels stays a link
+        shutil.copytree(ROOT / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("minivllm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    kernels = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("minivllm/kernels/")) == kernels
+    assert not any(n.startswith("kernels/") for n in names)
+    target = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    script = ("import minivllm, minivllm.kernels.reference as r, importlib.util as u; "
+              "print(r.__file__.startswith(r'%s'), u.find_spec('minivllm.kernels.paged_attention') is not None)"
+              % target)
+    run = subprocess.run([sys.executable, "-c", script], env={"PYTHONPATH": str(target)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.stdout.split() == ["True", "True"], run.stderr[-2000:]
