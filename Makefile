@@ -36,7 +36,8 @@ test-latest:
 # GPU machine gets the CUDA build of the same release).
 constraints: test-latest
 	{ echo "# What make test last passed with; refresh with make constraints (README)."; \
-	  $(LATEST_VENV)/bin/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//'; } > constraints.txt
+	  $(LATEST_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/\+[a-z0-9.]+$$//'; \
+	} > constraints.txt
 
 bench: $(VENV)/.installed
 	$(PY) -m minivllm.benchmarks.offline_throughput
