@@ -64,3 +64,6 @@ def test_widget_updates_and_keeps_the_last_valid_cost():
     assert lab.cost.table_bytes == 8 * 8 * 1024 * 4
     lab.batch.value = 0
     assert "batch=0" in lab.error_message and lab.cost.batch == 8
+    assert lab.batch.value == 8, "the refused control shows the value in effect again"
+    lab.context.value = 2048  # so the other controls are not blocked by the refused one
+    assert lab.error_message == "" and lab.cost.context == 2048 and lab.cost.batch == 8

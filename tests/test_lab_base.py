@@ -84,7 +84,9 @@ def test_impossible_setting_shows_a_message_not_a_trace(capsys):
     lab.block.value = 5  # does not divide 12
     assert lab.state.block == 4, "a rejected setting leaves the state as it was"
     assert lab.view.value == before, "the view keeps the last valid state"
-    assert lab.error_message == "block=5 must be >= 1 and divide the capacity 12"
+    assert lab.block.value == 4, "the control goes back to the value in effect"
+    assert lab.error_message == ("block=5 must be >= 1 and divide the capacity 12 "
+                                 "(block is back at 4, the value in effect)")
     assert "minivllm-lab-error" in lab.error.value and "Traceback" not in lab.error.value
     assert "block=5" in lab.snapshot_html()
     lab.block.value = 3  # the next accepted action clears the message

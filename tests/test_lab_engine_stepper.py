@@ -41,7 +41,9 @@ def test_steps_show_the_engines_own_schedule_and_blocks(lab):
 ])
 def test_bad_settings_show_a_message_and_change_nothing(lab, action, message):
     steps = len(lab.state.engine.trace)
+    controls = (lab.prompt.value, lab.max_tokens.value)
     action(lab)
     assert message in lab.error_message
     assert "Traceback" not in lab.error.value
     assert len(lab.state.engine.trace) == steps and not lab.state.engine.has_unfinished_requests()
+    assert (lab.prompt.value, lab.max_tokens.value) == controls, "the controls never keep a refused request"

@@ -71,9 +71,9 @@ def test_the_theory_column_is_the_iid_formula(lab):
 def test_bad_settings_show_in_the_widget_and_keep_the_last_run(lab):
     before = lab.state.steps
     lab.prompt.value = ""
-    assert "prompt is empty" in lab.error_message
-    assert lab.state.steps is before
-    lab.prompt.value = PROMPT
+    assert "prompt is empty" in lab.error_message and "the value in effect" in lab.error_message
+    assert lab.state.steps is before and lab.prompt.value == PROMPT
+    lab.temperature.value = lab.temperature.value + 0.5  # the next accepted setting clears the message
     assert lab.error_message == ""
     with pytest.raises(ValueError, match="method='medusa'"):
         lab.state.llm("medusa", 2)

@@ -12,8 +12,9 @@ A lab is three things kept apart:
   figure, shown as PNG.
 
 A setting the state rejects (a ``ValueError``, e.g. `LabError`) shows up as a message inside the
-widget, never as a trace; the view keeps the last valid state. Any other exception is a bug and
-propagates.
+widget, never as a trace; the view keeps the last valid state and the control goes back to the value
+in effect, so a lab never shows a value that is not in effect and one refused control never blocks
+the others. Any other exception is a bug and propagates.
 
 A notebook displays the lab (``lab`` as a cell's last line, or ``display(lab)``), then drives it
 from code (``lab.slider.value = 3``, ``lab.step()``) and calls `Lab.show` to record the resulting
@@ -71,6 +72,8 @@ class Lab:
     control with `on_change` / `on_click`, call ``super().__init__(controls, figure=...)``, and
     implement `render` (and `figure` when ``figure=True``)."""
 
+    _restoring = False  # True while a refused control is put back (its own change is not an action)
+
     def __init__(self, controls: Sequence[widgets.Widget] = (), *, figure: bool = False):
         self.controls = list(controls)
         self.error = widgets.HTML()  # empty unless the last action was rejected
@@ -93,9 +96,26 @@ class Lab:
     # ---- wiring --------------------------------------------------------------------------------
     def on_change(self, control: widgets.Widget, handler: Callable[[Any], None]) -> widgets.Widget:
         """Call ``handler(new_value)`` whenever ``control.value`` changes (in the browser or from
-        code), then re-render. Returns the control."""
-        control.observe(lambda change: self.apply(handler, change["new"]), names="value")
+        code), then re-render. A refused value puts the control back to the value in effect, and the
+        message says so. Returns the control."""
+        def changed(change: dict) -> None:
+            if self._restoring or self.apply(handler, change["new"]):
+                return
+            self.restore(control, change["old"])
+
+        control.observe(changed, names="value")
         return control
+
+    def restore(self, control: widgets.Widget, value: Any) -> None:
+        """Put ``control`` back to ``value`` (the value in effect) after a refusal, without acting
+        on it again, and add to the message that it did."""
+        self._restoring = True
+        try:
+            control.value = value
+        finally:
+            self._restoring = False
+        name = getattr(control, "description", "") or "the control"
+        self.error.value = error_html(f"{self.error_message} ({name} is back at {value!r}, the value in effect)")
 
     def on_click(self, button: widgets.Button, handler: Callable[[], None]) -> widgets.Button:
         """Call ``handler()`` when the button is clicked (``button.click()`` from code), then

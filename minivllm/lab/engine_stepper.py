@@ -52,9 +52,19 @@ class EngineStepperLab(Lab):
         self.max_tokens = widgets.IntSlider(value=max_tokens, min=0, max=64, description="max_tokens")
         self.add_button = widgets.Button(description="add request")
         self.step_button = widgets.Button(description="step")
-        super().__init__([self.prompt, self.max_tokens,
-                          self.on_click(self.add_button, lambda: self.state.add(self.prompt.value, self.max_tokens.value)),
+        self._last_added = (prompt, max_tokens)
+        super().__init__([self.prompt, self.max_tokens, self.on_click(self.add_button, self._add_from_controls),
                           self.on_click(self.step_button, self.state.step)])
+
+    def _add_from_controls(self) -> None:
+        """Add the request the controls describe; a refused one leaves them at the last request added
+        (or the lab's first), never holding what the engine refused."""
+        try:
+            self.state.add(self.prompt.value, self.max_tokens.value)
+        except ValueError:
+            self.prompt.value, self.max_tokens.value = self._last_added
+            raise
+        self._last_added = (self.prompt.value, self.max_tokens.value)
 
     def add(self, prompt: str, max_tokens: int = 8) -> None:
         """What the *add request* button does, from code."""
