@@ -42,9 +42,12 @@ constraints: test-latest
 bench: $(VENV)/.installed
 	$(PY) -m minivllm.benchmarks.offline_throughput
 
-# The course in JupyterLab.
+# The course in JupyterLab, rooted at the repository so the chapters and the exercises are both in
+# reach, opening chapter 00. Jupyter refuses to run as root (containers, cloud notebooks) unless told.
+COURSE_START := /lab/tree/notebooks/00_why_an_engine.ipynb
 course: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=$(COURSE_START) \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS)
 
 # Re-execute every chapter notebook and solved exercise in place (what gets committed), then
 # regenerate the learner copies of the exercises.
