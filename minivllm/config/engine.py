@@ -45,14 +45,12 @@ class EngineConfig:
     def from_args(cls, model: str, **engine_args) -> "EngineConfig":
         """`LLM(model, **engine_args)`: an unknown argument is a ValueError that names it;
         ``speculative_config`` may be a dict (validated into a `SpeculativeConfig`)."""
-        own = [f.name for f in fields(cls) if f.name not in ("model",) + _PARTS_NAMES] + ["speculative_config"]
+        own = [f.name for f in fields(cls) if f.name != "model" and f.name not in _PARTS]
         parts = split_args(engine_args, _PARTS, own, "LLM")
-        spec = engine_args.get("speculative_config")
-        if isinstance(spec, dict):
-            spec = SpeculativeConfig.from_dict(spec)
-        top = {name: engine_args[name] for name in own if name in engine_args and name != "speculative_config"}
-        return cls(model=model, **top, **{part: _PARTS[part](**values) for part, values in parts.items()},
-                   speculative_config=spec)
+        top = {name: engine_args[name] for name in own if name in engine_args}
+        if isinstance(top.get("speculative_config"), dict):
+            top["speculative_config"] = SpeculativeConfig.from_dict(top["speculative_config"])
+        return cls(model=model, **top, **{part: _PARTS[part](**values) for part, values in parts.items()})
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPE_ALIASES:
@@ -144,8 +142,8 @@ class EngineConfig:
         return torch.device(self.device)
 
 
+# the parts LLM's flat arguments are routed to (speculative_config is given whole, as in vLLM)
 _PARTS = {"cache_config": CacheConfig, "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig}
-_PARTS_NAMES = tuple(_PARTS) + ("speculative_config",)
 
 
 def resolve_dtype(name: str, model_dtype: str, device: torch.device) -> torch.dtype:
