@@ -32,11 +32,12 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         """``engine_args`` are vLLM's flat engine arguments, routed to `EngineConfig`'s parts
-        (`minivllm.config`): ``dtype``, ``device``, ``seed``, ``attention_backend``,
-        ``block_manager_class``; ``block_size``, ``enable_prefix_caching``, ``gpu_memory_utilization``,
-        ``kv_cache_memory``, ``num_kv_blocks`` (cache); ``max_num_seqs``, ``max_num_batched_tokens``,
-        ``max_model_len``, ``enable_chunked_prefill``, ``batching_policy`` (scheduler); the parallel
-        sizes, ``enable_expert_parallel``, ``distributed_backend`` (parallel); ``speculative_config``."""
+        (`minivllm.config`): ``dtype``, ``device``, ``seed``, ``attention_backend`` and a learner's pieces
+        (``sampler``, ``block_manager_class``, ``rejection_sampler``, ``row_parallel_linear_class``);
+        ``block_size``, ``enable_prefix_caching``, ``gpu_memory_utilization``, ``kv_cache_memory``,
+        ``num_kv_blocks`` (cache); ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``,
+        ``enable_chunked_prefill``, ``batching_policy`` (scheduler); the parallel sizes,
+        ``enable_expert_parallel``, ``distributed_backend`` (parallel); ``speculative_config``."""
         config = EngineConfig.from_args(model, **engine_args)
         dp = config.parallel_config.data_parallel_size
         self.llm_engine = DataParallelEngine(config) if dp > 1 else LLMEngine(config)

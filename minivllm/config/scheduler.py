@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minivllm.config.parts import positive_int
+from minivllm.core.block_manager import BlockManagerBase
 from minivllm.core.policy import SchedulingPolicy, make_policy
+from minivllm.core.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,15 @@ class SchedulerConfig:
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill={self.enable_chunked_prefill!r} must be a bool")
         make_policy(self.batching_policy)  # raises ValueError on anything but a name or a SchedulingPolicy
+
+    def make_scheduler(self, block_manager: BlockManagerBase, max_model_len: int,
+                       num_speculative_tokens: int = 0) -> Scheduler:
+        """The core's `Scheduler` with these settings over ``block_manager``: the engine's and the
+        simulator's alike (``max_model_len`` resolved, see `resolve_max_model_len`)."""
+        return Scheduler(block_manager, max_num_seqs=self.max_num_seqs,
+                         max_num_batched_tokens=self.max_num_batched_tokens,
+                         enable_chunked_prefill=self.enable_chunked_prefill, batching_policy=self.batching_policy,
+                         num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len)
 
     def resolve_max_model_len(self, model_limit: int, limit_name: str = "max_position_embeddings") -> int:
         """``max_model_len``, or the model's ``model_limit`` when unset; refuses a length past the model's

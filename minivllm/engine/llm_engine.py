@@ -8,7 +8,6 @@ from typing import Union
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
-from minivllm.core.scheduler import Scheduler
 from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord, StepRecorder
@@ -38,15 +37,11 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         # the model here, or one worker process per rank (tensor/pipeline parallel)
         self.executor: Executor = make_executor(config, mc, folder, self.max_model_len, dp_rank)
-        cache, sched, spec = config.cache_config, config.scheduler_config, config.speculative_config
+        cache, spec = config.cache_config, config.speculative_config
         self.block_manager = config.block_manager_class(self.executor.num_blocks, cache.block_size,
                                                         cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=sched.max_num_seqs,
-                                   max_num_batched_tokens=sched.max_num_batched_tokens,
-                                   enable_chunked_prefill=sched.enable_chunked_prefill,
-                                   batching_policy=sched.batching_policy,
-                                   num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
-                                   max_model_len=self.max_model_len)
+        self.scheduler = config.scheduler_config.make_scheduler(
+            self.block_manager, self.max_model_len, spec.num_speculative_tokens if spec else 0)
         # speculative decoding: guess tokens ahead and verify them in the target's one forward pass
         self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.executor, self.block_manager,
                                                self.max_model_len) if spec else None
@@ -119,7 +114,7 @@ class LLMEngine:
         execute = self.spec_decoder.execute if self.spec_decoder is not None else self.executor.execute
         record, finished = run_step(self.scheduler, execute, time.time,
                                     self._check_stop, len(self.trace), self.recorder)
-        if record.chunks:
+        if record.chunks and self.executor.last_comm:  # worker processes: their collectives in this step
             record = replace(record, comm=self.executor.last_comm)
         self.trace.append(record)
         return [self._finish_output(seq) for seq in finished]

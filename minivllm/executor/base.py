@@ -14,6 +14,9 @@ from minivllm.core.records import RankComm
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
 from minivllm.distributed.layout import check_parallel_sizes
+from minivllm.executor.multiproc import MultiprocExecutor
+from minivllm.layers.linear import check_row_parallel_linear_class
+from minivllm.worker.model_runner import ModelRunner
 
 
 class Executor(Protocol):
@@ -31,11 +34,11 @@ class Executor(Protocol):
 
 
 def make_executor(cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int, dp_rank: int = 0) -> Executor:
-    """The model in this process when nothing is split, else one worker process per rank. Sizes are
-    checked against the model first, so a bad one raises ValueError before any process starts."""
+    """The model in this process when nothing is split, else one worker process per rank. Sizes and
+    the plugged-in layer are checked first, so a bad one raises ValueError before any process starts."""
     check_parallel_sizes(cfg, mc)
+    if cfg.row_parallel_linear_class is not None:  # before any process loads a model with it
+        check_row_parallel_linear_class(cfg.row_parallel_linear_class)
     if cfg.world_size == 1:
-        from minivllm.worker.model_runner import ModelRunner
         return ModelRunner(cfg, mc, folder, max_model_len)
-    from minivllm.executor.multiproc import MultiprocExecutor
     return MultiprocExecutor(cfg, mc, folder, max_model_len, dp_rank)

@@ -3,7 +3,8 @@ whatever batch the driver sends until it says close (or goes away).
 
 Messages from the driver: ``("step", [StepBatch per micro-batch], released request ids)`` and
 ``("close",)``. Without pipeline parallel a step is one micro-batch.
-Replies: ``("ready", num_blocks)`` once, then ``("step", tokens or None, collective counts)`` per step,
+Replies: ``("ready", num_blocks)`` once, then ``("step", tokens, collective counts)`` per step (the
+tokens only from the sampling rank, [] from the others),
 or ``("error", traceback)`` before the process exits on an exception.
 """
 from __future__ import annotations
@@ -63,20 +64,19 @@ def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: s
             dist.destroy_process_group()
 
 
-def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatch]) -> list[int] | None:
+def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatch]) -> list[int]:
     """This rank's part of one step: each micro-batch in turn, taking its input from the previous
-    stage and handing its output to the next. The sampling rank returns the tokens of all of them."""
+    stage and handing its output to the next. The sampling rank returns the tokens of all of them;
+    every other rank returns [] (a tensor-parallel peer still joins the LM head's gather)."""
     layout = runner.layout
-    tokens: list[int] | None = [] if layout.samples else None
+    tokens: list[int] = []
     for batch in micro_batches:
         intermediate = None
         if not layout.is_first_stage:
             intermediate = link.receive(batch.num_tokens, runner.mc.hidden_size, runner.dtype, runner.device)
-        if not layout.is_last_stage:
-            link.send(runner.compute_hidden(batch, intermediate))
-        elif tokens is not None:
+        if layout.is_last_stage:
             tokens += runner.execute_batch(batch, intermediate)
-        else:  # a tensor-parallel peer of the sampling rank: it joins the LM head's gather
-            runner.execute_batch(batch, intermediate)
+        else:
+            link.send(runner.compute_hidden(batch, intermediate))
     link.flush()
     return tokens

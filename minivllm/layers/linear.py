@@ -89,3 +89,11 @@ class RowParallelLinear(nn.Module):
         if self.tp_size > 1:
             dist.all_reduce(y, group=tensor_parallel_group())
         return y
+
+
+def check_row_parallel_linear_class(cls: object) -> None:
+    """A learner's row-parallel layer (``row_parallel_linear_class=``) must be a `RowParallelLinear`:
+    the model builds it with the stock constructor and loads it with the stock ``weight_loader``."""
+    if not (isinstance(cls, type) and issubclass(cls, RowParallelLinear)):
+        raise ValueError(f"row_parallel_linear_class={cls!r} must be a subclass of "
+                         "minivllm.layers.linear.RowParallelLinear")

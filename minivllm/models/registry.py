@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from minivllm.config.model import ModelConfig
-from minivllm.layers.linear import RowParallelLinear
+from minivllm.layers.linear import check_row_parallel_linear_class
 from minivllm.models.llama import DecoderForCausalLM, Variant
 
 ARCHITECTURES: dict[str, Variant] = {
@@ -22,8 +22,6 @@ def build_model(cfg: ModelConfig, tp_rank: int = 0, tp_size: int = 1, layers: ra
         raise ValueError(f"architectures=[{cfg.architecture!r}] is not supported; "
                          f"supported: {sorted(ARCHITECTURES)}")
     if row_parallel_linear_class is not None:
-        if not (isinstance(row_parallel_linear_class, type) and issubclass(row_parallel_linear_class, RowParallelLinear)):
-            raise ValueError(f"row_parallel_linear_class={row_parallel_linear_class!r} must be a subclass of "
-                             "minivllm.layers.linear.RowParallelLinear")
+        check_row_parallel_linear_class(row_parallel_linear_class)
         variant = replace(variant, row_parallel_linear=row_parallel_linear_class)
     return DecoderForCausalLM(cfg, variant, tp_rank, tp_size, layers, expert_parallel)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, dataclass, fields
 
+from minivllm.config.model import ModelConfig
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -139,9 +141,7 @@ class ModelSpec:
     @classmethod
     def from_folder(cls, folder: str, name: str | None = None) -> "ModelSpec":
         """The shape of a local checkpoint, read from its ``config.json`` by the engine's own
-        `ModelConfig` (which imports torch: imported here only)."""
-        from minivllm.config.model import ModelConfig
-
+        `ModelConfig`."""
         mc = ModelConfig.from_folder(folder)
         return cls(name or os.path.basename(os.path.normpath(folder)), mc.vocab_size, mc.hidden_size,
                    mc.intermediate_size, mc.num_hidden_layers, mc.num_attention_heads,

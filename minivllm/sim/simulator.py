@@ -17,7 +17,7 @@ from minivllm.config.cache import CacheConfig
 from minivllm.config.parts import split_args
 from minivllm.config.scheduler import SchedulerConfig
 from minivllm.core.block_manager import BlockManager
-from minivllm.core.scheduler import Scheduler, SchedulerOutput
+from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord, StepRecorder
@@ -101,10 +101,9 @@ class Simulator:
             raise ValueError("requests must be sorted by arrival_time")
         if len({s.request_id for s in seqs}) < len(seqs):
             raise ValueError("request_id values must be unique")
-        cache, sched = c.cache_config, c.scheduler_config
-        scheduler = Scheduler(BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching),
-                              max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
-                              enable_chunked_prefill=sched.enable_chunked_prefill, batching_policy=sched.batching_policy)
+        cache = c.cache_config
+        scheduler = c.scheduler_config.make_scheduler(
+            BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching), c.max_model_len)
         # the engine's length stop (max_tokens or max_model_len), as one precomputed total per request
         stop_at = {s: min(s.num_prompt_tokens + s.sampling_params.max_tokens, c.max_model_len)
                    for s in seqs}

@@ -114,8 +114,8 @@ class ModelRunner:
         logits at ``batch.logits_rows``, None if it has none."""
         if not self.layout.is_last_stage:
             raise ValueError(f"pipeline stage {self.layout.pp_rank} is not the last: use compute_hidden")
-        hidden, logits_rows = self._forward(batch, intermediate)
-        return self.model.compute_logits(hidden[logits_rows]) if batch.logits_rows else None
+        hidden, inp = self._forward(batch, intermediate)
+        return self.model.compute_logits(hidden[inp.logits_rows]) if batch.logits_rows else None
 
     @torch.inference_mode()
     def compute_hidden(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -127,8 +127,9 @@ class ModelRunner:
         return self._forward(batch, intermediate)[0]
 
     def _forward(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None):
+        """This rank's layers over one flat batch, writing its K/V: what they return, and the input."""
         inp = self.build_input(batch)
-        return self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate), inp.logits_rows
+        return self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate), inp
 
     def prepare_input(self, chunks: list[ScheduledChunk]) -> ModelInput:
         return self.build_input(flatten_chunks(chunks, self.block_size))

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import itertools
+import os
+import sys
+import tempfile
 from typing import Callable
 
 import torch
@@ -129,10 +133,6 @@ def learner_layer_class(forward: Callable, folder: str) -> type:
     """A `RowParallelLinear` subclass whose forward is ``forward``, rebuilt from its source as module
     ``minivllm_learner_row_parallel_N`` in ``folder`` (put on ``sys.path``), so that worker
     processes can import it by name."""
-    import importlib
-    import os
-    import sys
-
     source = _learner_source(forward, "row_parallel_forward")
     module = f"minivllm_learner_row_parallel_{next(_module_numbers)}"
     with open(os.path.join(folder, module + ".py"), "w") as f:
@@ -289,9 +289,6 @@ def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Calla
        several shapes with and without bias. The forward is sent by its source (see above);
     3. the engine with that layer (``row_parallel_linear_class=``, ``tensor_parallel_size=2``) gives the
        stock layer's greedy tokens."""
-    import sys
-    import tempfile
-
     cases = [_row_parallel_data(c, seed=800 + i) for i, c in enumerate(ROW_PARALLEL_CASES)]
     layer: dict[str, type] = {}
 
