@@ -73,22 +73,48 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         engine = self.llm_engine
-        seqs = [engine.make_sequence(str(next(self._request_counter)), p, sp) for p, sp in zip(prompts, params)]
-        for seq in seqs:
-            engine.add_sequence(seq)
+        ids = [str(next(self._request_counter)) for _ in prompts]
+        requests = [engine.make_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params)]
+        for seqs in requests:
+            engine.add_sequences(seqs)
         outputs: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(seqs), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         start, out_tokens = time.perf_counter(), 0
         try:
-            while len(outputs) < len(seqs):
+            while len(outputs) < len(ids):
                 for out in engine.step():
                     outputs[out.request_id] = out
-                    out_tokens += len(out.outputs[0].token_ids)
+                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
                     bar.update(1)
                     bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
         except BaseException:
-            engine.abort_request([s.request_id for s in seqs if s.request_id not in outputs])
+            engine.abort_request([rid for rid in ids if rid not in outputs])
             raise
         finally:
             bar.close()
-        return [outputs[s.request_id] for s in seqs]
+        return [outputs[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | Seq[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate a reply to a conversation (a list of ``{"role", "content"}`` messages) or to each of
+        a list of them, through the tokenizer's chat template (or ``chat_template``), as vLLM's does."""
+        conversations = [messages] if messages and isinstance(messages, list) and isinstance(messages[0], dict) \
+            else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(f"messages={messages!r} must be a conversation (a list of message dicts) or a "
+                             "non-empty list of them")
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=None, and the model's tokenizer has none: pass one")
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not conv or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in conv):
+                raise ValueError(f"messages[{i}]={conv!r} must be a non-empty list of {{'role': str, 'content': str}}")
+            text = tokenizer.apply_chat_template(list(conv), chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+            # the template already wrote any special tokens the model expects at the start
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

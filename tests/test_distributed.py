@@ -155,6 +155,39 @@ def test_pipeline_parallel_matches_single_process_and_passes_hidden_states(tp, c
     assert_planner_agrees(engine, folder, tp, 2)
 
 
+def test_worker_processes_apply_the_request_api_as_one_process_does(checkpoint):
+    """Pipeline stages in two processes, two micro-batches in flight: penalties, bans, a grammar mask,
+    logprobs and prompt logprobs, and ``n`` samples travel to the sampling rank and back, and give what
+    one process gives (tokens exactly, logprobs to float32 rounding)."""
+    from minivllm import StructuredOutputsParams
+
+    folder = checkpoint("qwen3")
+    prompts = [{"prompt_token_ids": p} for p in small_batch(384)[0]]
+    params = [SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.4, logprobs=2, prompt_logprobs=1),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=5, frequency_penalty=0.5, logit_bias={5: 3.0}),
+              SamplingParams(temperature=0, max_tokens=8, min_tokens=8, logprobs=0,
+                             structured_outputs=StructuredOutputsParams(regex="(the|block)( (the|block)){0,5}")),
+              SamplingParams(temperature=0, max_tokens=5, presence_penalty=1.0, prompt_logprobs=3)]
+    runs = []
+    for sizes in ({}, {"pipeline_parallel_size": 2}):
+        with LLM(folder, kv_cache_memory=1 << 20, **sizes) as llm:
+            runs.append(llm.generate(prompts, params, use_tqdm=False))
+    one, split = runs
+    for a, b in zip(one, split):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert (ca.logprobs is None) == (cb.logprobs is None)
+            for ra, rb in zip(ca.logprobs or [], cb.logprobs or []):
+                assert ra.keys() == rb.keys()
+                assert all(abs(ra[t].logprob - rb[t].logprob) < 1e-4 and ra[t].rank == rb[t].rank for t in ra)
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        if a.prompt_logprobs is not None:
+            assert len(a.prompt_logprobs) == len(a.prompt_token_ids) and a.prompt_logprobs[0] is None
+            for ra, rb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert ra.keys() == rb.keys() and all(abs(ra[t].logprob - rb[t].logprob) < 1e-4 for t in ra)
+    assert len(one[1].outputs) == 2 and one[1].outputs[0].token_ids != one[1].outputs[1].token_ids
+
+
 def test_killed_worker_fails_fast_with_a_clear_error(checkpoint):
     folder = checkpoint("qwen3")
     llm = LLM(folder, tensor_parallel_size=2)

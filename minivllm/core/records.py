@@ -1,6 +1,7 @@
 """The records the core carries for the layers above it (pure Python, no torch): what each rank
 sent and received in a step (the communication part of the step trace, filled in by the distributed
-workers) and each request's speculative-decoding counters (updated by the scheduler)."""
+workers), each request's speculative-decoding counters (updated by the scheduler) and the
+log-probabilities a step reports (filled in by the sampling rank)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -113,3 +114,27 @@ class SpecDecodeMetrics:
     def forward_passes_saved(self) -> int:
         """Each accepted draft is a token the target did not need a forward pass of its own for."""
         return self.num_accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's log-probability at one position, as vLLM reports it: ``rank`` 1 is the most likely
+    token. The sampling rank fills ``logprob`` and ``rank``; the engine adds ``decoded_token``."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# one position's report: the top-k tokens and the token actually there (sampled, or the prompt's)
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass(slots=True)
+class StepLogprobs:
+    """What one request asked to know about one step: a report per token it sampled (with speculative
+    decoding, per token it emitted) and per prompt position computed, ``(position, report)``; the report
+    at position ``p`` is about the prompt token at ``p``, given the tokens before it."""
+
+    sampled: list[PositionLogprobs] = field(default_factory=list)
+    prompt: list[tuple[int, PositionLogprobs]] = field(default_factory=list)

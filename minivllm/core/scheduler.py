@@ -62,6 +62,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # structured output: each constrained request's token mask rows, set by the engine after scheduling
+    # (xgrammar's bitmask; the core only passes it on)
+    token_masks: dict[str, object] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -154,6 +157,9 @@ class Scheduler:
         if not 1 <= num_new_tokens <= uncached:
             raise ValueError(f"num_new_tokens={num_new_tokens!r} must be in [1, {uncached}] for request "
                              f"{seq.request_id!r}")
+        if cached_blocks and not seq.reads_prefix_cache:
+            raise ValueError(f"seq={seq.request_id!r} asks for prompt_logprobs, so it computes its whole prompt: "
+                             "admit it without cached blocks (Sequence.reads_prefix_cache)")
         self.waiting.remove(seq)  # the policy chose it: the front of the queue for FCFS
         self.block_manager.allocate(seq, cached_blocks)
         if seq.num_cached_tokens is None:  # first admission: the hit the request is credited with

@@ -5,7 +5,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from minivllm.core.records import SpecDecodeMetrics
+from minivllm.core.records import PositionLogprobs, SpecDecodeMetrics
 from minivllm.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
@@ -44,9 +44,25 @@ class Sequence:
     first_token_time: float | None = None
     finished_time: float | None = None
     spec_metrics: SpecDecodeMetrics = field(default_factory=SpecDecodeMetrics)
+    # parallel sampling (n > 1): sample ``sample_index`` of request ``parent_id``
+    parent_id: str | None = None
+    sample_index: int = 0
+    # the token rules the engine derives from its tokenizer: tokens banned before ``min_tokens`` (EOS
+    # and stop_token_ids), and ``bad_words`` tokenized (the last token is banned after the others)
+    min_tokens_stop_ids: tuple[int, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # what the request asked to know (None when it did not): a report per output token; per prompt
+    # position, the first being None (nothing predicts the first token)
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        p = self.sampling_params
+        if p.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
+        if p.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,6 +79,23 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """A request that wants its prompt's logprobs computes every prompt position itself (vLLM's
+        rule: a cached block has K/V but no logits)."""
+        return self.sampling_params.prompt_logprobs is None
+
+    def banned_token_ids(self, output_token_ids: list[int]) -> list[int]:
+        """Tokens the next position may not take after ``output_token_ids``: EOS and the stop tokens
+        while fewer than ``min_tokens`` are out, and the last token of every bad word whose other
+        tokens end the output."""
+        banned = list(self.min_tokens_stop_ids) if len(output_token_ids) < self.sampling_params.min_tokens else []
+        for word in self.bad_words_token_ids:
+            head = word[:-1]
+            if not head or (len(output_token_ids) >= len(head) and tuple(output_token_ids[-len(head):]) == head):
+                banned.append(word[-1])
+        return banned
 
 
 def check_request_fits(num_prompt_tokens: int, max_tokens: int, *, max_model_len: int, block_size: int,

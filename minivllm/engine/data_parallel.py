@@ -37,18 +37,19 @@ class DataParallelEngine:
         self.config, self.model_config, self.tokenizer = config, first.model_config, first.tokenizer
         self.owner: dict[str, LLMEngine] = {}  # request id -> the replica serving it
 
-    def make_sequence(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Sequence:
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> list[Sequence]:
         if request_id in self.owner:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        return self.replicas[0].make_sequence(request_id, prompt, params)  # replicas are identical
+        return self.replicas[0].make_request(request_id, prompt, params)  # replicas are identical
 
     def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None) -> None:
-        self.add_sequence(self.make_sequence(str(request_id), prompt, sampling_params or SamplingParams()))
+        self.add_sequences(self.make_request(str(request_id), prompt, sampling_params or SamplingParams()))
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequences(self, seqs: list[Sequence]) -> None:
+        """A request's samples all go to one replica, where they share the prompt's blocks."""
         target = min(self.replicas, key=lambda r: sum(outstanding_tokens(s) for s in r.requests.values()))
-        self.owner[seq.request_id] = target
-        target.add_sequence(seq)
+        self.owner[seqs[0].parent_id or seqs[0].request_id] = target
+        target.add_sequences(seqs)
 
     def step(self) -> list[RequestOutput]:
         busy = [r for r in self.replicas if r.has_unfinished_requests()]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import reduce
 from typing import Union
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
+from minivllm.core.records import PositionLogprobs, SpecDecodeMetrics, StepLogprobs
+from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord, StepRecorder
@@ -16,6 +19,7 @@ from minivllm.models.loader import resolve_model_folder
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.spec_decode.decoder import SpeculativeDecoder
+from minivllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger("minivllm")
 
@@ -45,7 +49,9 @@ class LLMEngine:
         # speculative decoding: guess tokens ahead and verify them in the target's one forward pass
         self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.executor, self.block_manager,
                                                self.max_model_len) if spec else None
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Sequence] = {}  # by the id of each sample (``i_id`` when n > 1)
+        self.parents: dict[str, ParentRequest] = {}  # requests with n > 1, by their own id
+        self._structured_output: StructuredOutputManager | None = None
         self.trace: list[StepRecord] = []
         self.recorder = StepRecorder()  # writes self.trace's records
         tokens = self.executor.num_blocks * cache.block_size
@@ -53,12 +59,21 @@ class LLMEngine:
                     "max_model_len=%d: %.2fx", self.executor.num_blocks, cache.block_size, tokens,
                     self.max_model_len, tokens / self.max_model_len)
 
+    @property
+    def structured_output(self) -> StructuredOutputManager:
+        """The grammars, made when the first constrained request comes (xgrammar is slow to import)."""
+        if self._structured_output is None:
+            self._structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                              sorted(self.eos_token_ids))
+        return self._structured_output
+
     # ---- requests ----------------------------------------------------------------------------
-    def make_sequence(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Sequence:
-        """Validate one request and turn it into a `Sequence`; raises ValueError, changes nothing."""
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> list[Sequence]:
+        """Validate one request and turn it into a `Sequence` per sample (``params.n`` of them);
+        raises ValueError, changes nothing."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params={params!r} must be a SamplingParams")
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.parents:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         if not token_ids:
@@ -67,13 +82,40 @@ class LLMEngine:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids contain {bad[:3]!r}, outside the vocabulary [0, {vocab})")
-        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stops:
-            raise ValueError(f"stop_token_ids={bad_stops!r} lie outside the vocabulary [0, {vocab})")
+        for name, value in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            outside = [t for t in value if t >= vocab]
+            if outside:
+                raise ValueError(f"{name}={value!r} holds {outside[:3]!r}, outside the vocabulary [0, {vocab})")
+        if params.prompt_logprobs is not None and self.spec_decoder is not None:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs!r} is not supported with speculative decoding")
+        if params.structured_outputs is not None:
+            self.structured_output.compile(params.structured_outputs)
         bm = self.block_manager
         check_request_fits(len(token_ids), params.max_tokens, max_model_len=self.max_model_len,
                            block_size=bm.block_size, num_blocks=bm.num_blocks)
-        return Sequence(request_id, token_ids, params, arrival_time=time.time(), prompt=text)
+        rules = dict(min_tokens_stop_ids=tuple(params.stop_token_ids) + (
+                         () if params.ignore_eos else tuple(sorted(self.eos_token_ids))),
+                     bad_words_token_ids=self._bad_words_token_ids(params.bad_words))
+        now = time.time()
+        if params.n == 1:
+            return [Sequence(request_id, token_ids, params, arrival_time=now, prompt=text, **rules)]
+        # parallel sampling: n requests of one prompt, which share its full blocks through the prefix
+        # cache; sample i draws with seed + i, and only sample 0 reports the prompt's logprobs
+        return [Sequence(f"{i}_{request_id}", token_ids,
+                         replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                                 prompt_logprobs=params.prompt_logprobs if i == 0 else None),
+                         arrival_time=now, prompt=text, parent_id=request_id, sample_index=i, **rules)
+                for i in range(params.n)]
+
+    def _bad_words_token_ids(self, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as tokens, alone and after a space (byte-level tokenizers spell them apart)."""
+        variants = []
+        for word in bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in variants:
+                    variants.append(ids)
+        return tuple(variants)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -88,21 +130,32 @@ class LLMEngine:
         raise ValueError(f"prompt={prompt!r} must be a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}")
 
     def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None) -> None:
-        self.add_sequence(self.make_sequence(str(request_id), prompt, sampling_params or SamplingParams()))
+        self.add_sequences(self.make_request(str(request_id), prompt, sampling_params or SamplingParams()))
 
-    def add_sequence(self, seq: Sequence) -> None:
-        self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
+    def add_sequences(self, seqs: list[Sequence]) -> None:
+        """Queue the samples of one request (from `make_request`)."""
+        if seqs[0].parent_id is not None:
+            self.parents[seqs[0].parent_id] = ParentRequest(seqs)
+        for seq in seqs:
+            if seq.sampling_params.structured_outputs is not None:
+                self.structured_output.add(seq.request_id, seq.sampling_params.structured_outputs)
+            self.requests[seq.request_id] = seq
+            self.scheduler.add(seq)
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
-        """Stop requests wherever they are; each comes back with ``finish_reason="abort"``."""
+        """Stop requests wherever they are (every sample of one with ``n`` > 1); each comes back with
+        ``finish_reason="abort"`` on the samples that had not finished."""
         ids = [request_id] if isinstance(request_id, str) else request_id
         outputs = []
         for rid in ids:
-            seq = self.requests.get(rid)
-            if seq is not None:
-                self.scheduler.finish(seq, "abort")
-                outputs.append(self._finish_output(seq))
+            parent = self.parents.get(rid)
+            seqs = [s for s in parent.seqs if s.request_id in self.requests] if parent else [self.requests.get(rid)]
+            for seq in seqs:
+                if seq is not None:
+                    self.scheduler.finish(seq, "abort")
+                    out = self._finish_output(seq)
+                    if out is not None:
+                        outputs.append(out)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -110,50 +163,130 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the requests that finished in it."""
-        execute = self.spec_decoder.execute if self.spec_decoder is not None else self.executor.execute
-        record, finished = run_step(self.scheduler, execute, time.time,
+        """Run one iteration; return the requests that finished in it (all ``n`` samples)."""
+        record, finished = run_step(self.scheduler, self._execute, time.time,
                                     self._check_stop, len(self.trace), self.recorder)
-        if record.chunks and self.executor.last_comm:  # worker processes: their collectives in this step
-            record = replace(record, comm=self.executor.last_comm)
+        if record.chunks:
+            if self.executor.last_comm:  # worker processes: their collectives in this step
+                record = replace(record, comm=self.executor.last_comm)
+            self._keep_logprobs((self.spec_decoder or self.executor).last_logprobs)
         self.trace.append(record)
-        return [self._finish_output(seq) for seq in finished]
+        return [out for out in map(self._finish_output, finished) if out is not None]
+
+    def _execute(self, out: SchedulerOutput) -> dict[Sequence, int | list[int]]:
+        grammars = self._structured_output
+        masks = grammars.attach_masks if grammars is not None and grammars.matchers else None
+        if self.spec_decoder is not None:
+            return self.spec_decoder.execute(out, masks)
+        if masks is not None:
+            masks(out)
+        return self.executor.execute(out)
+
+    def _keep_logprobs(self, step_logprobs: dict[str, StepLogprobs]) -> None:
+        for request_id, lp in step_logprobs.items():
+            seq = self.requests.get(request_id)
+            if seq is None:
+                continue
+            if lp.sampled:  # a stop may have dropped emitted tokens after it (speculative decoding)
+                seq.logprobs += lp.sampled
+                del seq.logprobs[seq.num_output_tokens:]
+            for position, report in lp.prompt:
+                if position == len(seq.prompt_logprobs):  # a recompute after preemption reports them again
+                    seq.prompt_logprobs.append(report)
 
     def close(self) -> None:
         """Free the model; with worker processes, shut them down."""
         self.executor.close()
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
-        """Apply the request's stop conditions to its newest token; sets ``finish_reason``."""
+        """Apply the request's stop conditions to its newest token; sets ``finish_reason``. Before
+        ``min_tokens`` only the length limits apply (EOS and stop tokens are masked until then)."""
         p = seq.sampling_params
-        if token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif not p.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif p.stop and (stop := self._find_stop_string(seq)) is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
+        grammar_done = (self.structured_output.accept(seq.request_id, token)
+                        if p.structured_outputs is not None else False)
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif not p.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif p.stop and (found := self._find_stop_string(seq)) is not None:
+                seq.finish_reason, seq.stop_reason = "stop", found[1]
+        if seq.finish_reason is None:
+            if grammar_done:  # the language is complete and its end taken (even with ignore_eos)
+                seq.finish_reason = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _find_stop_string(self, seq: Sequence) -> str | None:
-        """The stop string that occurs first in the output text, if any."""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        found = [(text.find(s), s) for s in seq.sampling_params.stop if s in text]
-        return min(found)[1] if found else None
+    def _find_stop_string(self, seq: Sequence) -> tuple[int, str] | None:
+        """Where in the output text a stop string first ends past the text of the first ``min_tokens``
+        tokens (vLLM never looks for stop strings before it, and does not come back for them), and
+        which: ``(index, stop)``; None if none does."""
+        text, p = self._decode(seq), seq.sampling_params
+        start = len(self.tokenizer.decode(seq.output_token_ids[:p.min_tokens],
+                                          skip_special_tokens=p.skip_special_tokens)) if p.min_tokens else 0
+        found = [(i, s) for s in p.stop if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+        return min(found) if found else None
 
-    def _finish_output(self, seq: Sequence) -> RequestOutput:
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
+
+    def _finish_output(self, seq: Sequence) -> RequestOutput | None:
+        """The finished request's output; with ``n`` > 1, once its last sample has finished (None before)."""
         self.requests.pop(seq.request_id, None)
         self.executor.release(seq.request_id)
+        if self._structured_output is not None:
+            self._structured_output.release(seq.request_id)
         if self.spec_decoder is not None:
             self.spec_decoder.release(seq.request_id)
         seq.finished_time = time.time()
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if isinstance(seq.stop_reason, str):
-            text = text[:text.find(seq.stop_reason)]  # vLLM leaves the stop string out of the text
-        completion = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
-                                 seq.finished_time, seq.num_cached_tokens or 0, seq.num_preemptions,
-                                 seq.spec_metrics if self.spec_decoder is not None else None)
-        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [completion],
-                             finished=True, metrics=metrics)
+        if seq.parent_id is None:
+            return self._request_output(seq.request_id, [seq])
+        parent = self.parents[seq.parent_id]
+        parent.num_finished += 1
+        if parent.num_finished < len(parent.seqs):
+            return None
+        del self.parents[seq.parent_id]
+        return self._request_output(seq.parent_id, parent.seqs)
+
+    def _request_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        first = seqs[0]
+        metrics = RequestMetrics(
+            first.arrival_time, _earliest(s.first_scheduled_time for s in seqs),
+            _earliest(s.first_token_time for s in seqs), max(s.finished_time for s in seqs),
+            sum(s.num_cached_tokens or 0 for s in seqs), sum(s.num_preemptions for s in seqs),
+            reduce(SpecDecodeMetrics.merge, (s.spec_metrics for s in seqs)) if self.spec_decoder is not None else None)
+        prompt_logprobs = self._with_text(first.prompt_logprobs) if first.prompt_logprobs is not None else None
+        return RequestOutput(request_id, first.prompt, list(first.prompt_token_ids),
+                             [self._completion(s) for s in seqs], finished=True, metrics=metrics,
+                             prompt_logprobs=prompt_logprobs)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        text = self._decode(seq)
+        if isinstance(seq.stop_reason, str):  # vLLM leaves the stop string out of the text, unless asked
+            end = self._find_stop_string(seq)[0]  # the occurrence that stopped it, not one before min_tokens
+            text = text[:end + len(seq.stop_reason) if seq.sampling_params.include_stop_str_in_output else end]
+        logprobs = cumulative = None
+        if seq.logprobs is not None:
+            logprobs = self._with_text(seq.logprobs)
+            cumulative = sum(report[t].logprob for report, t in zip(seq.logprobs, seq.output_token_ids))
+        return CompletionOutput(seq.sample_index, text, list(seq.output_token_ids), seq.finish_reason,
+                                seq.stop_reason, cumulative, logprobs)
+
+    def _with_text(self, reports: list[PositionLogprobs | None]) -> list[PositionLogprobs | None]:
+        """The reports with each token's text filled in (``Logprob.decoded_token``)."""
+        return [None if r is None else {t: replace(lp, decoded_token=self.tokenizer.decode([t]))
+                                        for t, lp in r.items()} for r in reports]
+
+
+@dataclass
+class ParentRequest:
+    """A request with ``n`` > 1: its samples, and how many of them have finished."""
+
+    seqs: list[Sequence]
+    num_finished: int = 0
+
+
+def _earliest(times) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None

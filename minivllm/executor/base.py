@@ -2,7 +2,7 @@
 
 `minivllm.worker.model_runner.ModelRunner` runs the whole model in this process; `MultiprocExecutor`
 runs one worker process per rank (tensor x pipeline parallel). The engine talks to either through
-the same five members, so it never asks which one it has.
+the same six members, so it never asks which one it has.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Protocol
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
-from minivllm.core.records import RankComm
+from minivllm.core.records import RankComm, StepLogprobs
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
 from minivllm.distributed.layout import check_parallel_sizes
@@ -22,6 +22,7 @@ from minivllm.worker.model_runner import ModelRunner
 class Executor(Protocol):
     num_blocks: int  # KV blocks every rank can hold (the smallest over the ranks)
     last_comm: tuple[RankComm, ...]  # the last step's collectives, one record per rank; () in one process
+    last_logprobs: dict[str, StepLogprobs]  # the last step's logprobs, for the requests that asked
 
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         """Run the scheduled chunks; the token sampled for each chunk that samples."""

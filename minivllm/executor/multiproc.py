@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection, wait
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
-from minivllm.core.records import RankComm
+from minivllm.core.records import RankComm, StepLogprobs
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
 from minivllm.distributed.layout import replica_layouts
@@ -65,6 +65,7 @@ class MultiprocExecutor:
         self.layouts = replica_layouts(par.tensor_parallel_size, par.pipeline_parallel_size, par.enable_expert_parallel)
         self.sampling_rank = next(lay.rank for lay in self.layouts if lay.samples)
         self.last_comm: tuple[RankComm, ...] = ()
+        self.last_logprobs: dict[str, StepLogprobs] = {}
         self._released: list[str] = []
         self._closed_because: str | None = None
         worker_cfg = cfg.for_workers()
@@ -91,12 +92,13 @@ class MultiprocExecutor:
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         parts = split_micro_batches(out.chunks, self.pp_size)
         released, self._released = self._released, []
-        self._send_all(("step", [flatten_chunks(p, self.block_size) for p in parts], released))
+        self._send_all(("step", [flatten_chunks(p, self.block_size, out.token_masks) for p in parts], released))
         replies = self._gather()
         self.last_comm = tuple(RankComm(lay.rank, lay.tp_rank, lay.pp_rank, reply[2])
                                for lay, reply in zip(self.layouts, replies))
-        tokens = replies[self.sampling_rank][1]
-        return dict(zip([c.seq for p in parts for c in p if c.samples], tokens))
+        sampled = replies[self.sampling_rank][1]
+        self.last_logprobs = sampled.logprobs
+        return dict(zip([c.seq for p in parts for c in p if c.samples], sampled.token_ids))
 
     def release(self, request_id: str) -> None:
         self._released.append(request_id)  # travels with the next step

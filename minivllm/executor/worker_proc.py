@@ -3,8 +3,8 @@ whatever batch the driver sends until it says close (or goes away).
 
 Messages from the driver: ``("step", [StepBatch per micro-batch], released request ids)`` and
 ``("close",)``. Without pipeline parallel a step is one micro-batch.
-Replies: ``("ready", num_blocks)`` once, then ``("step", tokens, collective counts)`` per step (the
-tokens only from the sampling rank, [] from the others),
+Replies: ``("ready", num_blocks)`` once, then ``("step", SamplerOutput, collective counts)`` per step
+(tokens and logprobs only from the sampling rank, an empty output from the others),
 or ``("error", traceback)`` before the process exits on an exception.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from minivllm.distributed.comm import as_records, count_collectives
 from minivllm.distributed.layout import RankLayout
 from minivllm.distributed.parallel_state import init_tensor_parallel_groups
 from minivllm.distributed.pipeline import StageLink
-from minivllm.worker.step_batch import StepBatch
+from minivllm.worker.step_batch import SamplerOutput, StepBatch
 
 if TYPE_CHECKING:
     from minivllm.worker.model_runner import ModelRunner
@@ -52,8 +52,8 @@ def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: s
             for request_id in released:
                 runner.release(request_id)
             with count_collectives() as counts:
-                tokens = run_stage(runner, link, micro_batches)
-            conn.send(("step", tokens, as_records(counts)))
+                sampled = run_stage(runner, link, micro_batches)
+            conn.send(("step", sampled, as_records(counts)))
     except EOFError:  # the driver is gone: nothing left to serve
         pass
     except BaseException:
@@ -64,19 +64,20 @@ def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: s
             dist.destroy_process_group()
 
 
-def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatch]) -> list[int]:
+def run_stage(runner: ModelRunner, link: StageLink, micro_batches: list[StepBatch]) -> SamplerOutput:
     """This rank's part of one step: each micro-batch in turn, taking its input from the previous
-    stage and handing its output to the next. The sampling rank returns the tokens of all of them;
-    every other rank returns [] (a tensor-parallel peer still joins the LM head's gather)."""
+    stage and handing its output to the next. The sampling rank returns the tokens (and logprobs) of
+    all of them; every other rank an empty output (a tensor-parallel peer still joins the LM head's
+    gather)."""
     layout = runner.layout
-    tokens: list[int] = []
+    sampled = SamplerOutput()
     for batch in micro_batches:
         intermediate = None
         if not layout.is_first_stage:
             intermediate = link.receive(batch.num_tokens, runner.mc.hidden_size, runner.dtype, runner.device)
         if layout.is_last_stage:
-            tokens += runner.execute_batch(batch, intermediate)
+            sampled.extend(runner.execute_batch(batch, intermediate))
         else:
             link.send(runner.compute_hidden(batch, intermediate))
     link.flush()
-    return tokens
+    return sampled

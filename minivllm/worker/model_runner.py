@@ -8,6 +8,7 @@ import torch
 from minivllm.config.engine import EngineConfig, resolve_dtype
 from minivllm.config.model import ModelConfig
 from minivllm.core.block_manager import BlockManager
+from minivllm.core.records import StepLogprobs
 from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.core.sequence import Sequence
 from minivllm.distributed.comm import smallest_across_ranks
@@ -18,7 +19,9 @@ from minivllm.models.registry import build_model
 from minivllm.sampling_params import SamplingParams
 from minivllm.worker.kv_cache import allocate_kv_cache, choose_num_blocks
 from minivllm.worker.sampler import Sampler
-from minivllm.worker.step_batch import StepBatch, flatten_chunks
+from minivllm.worker.logits_processors import apply_logits_processors, stack_masks
+from minivllm.worker.logprobs import step_logprobs
+from minivllm.worker.step_batch import SamplerOutput, StepBatch, flatten_chunks
 
 
 @dataclass
@@ -28,7 +31,6 @@ class ModelInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn_metadata: AttentionMetadata
-    logits_rows: torch.Tensor  # rows whose hidden state predicts a sequence's next token
 
 
 def split_by_context_length(entries: list[tuple], min_group: int = 8, max_padding: float = 1.5) -> list[list]:
@@ -55,6 +57,7 @@ class ModelRunner:
     states between stages."""
 
     last_comm: tuple = ()  # part of the `Executor` interface: one process makes no collectives
+    last_logprobs: dict[str, StepLogprobs] = {}  # the `Executor`'s too: the last step's, by request id
 
     def __init__(self, cfg: EngineConfig, mc: ModelConfig, folder: str, max_model_len: int,
                  layout: RankLayout = RankLayout(), device: torch.device | None = None):
@@ -91,31 +94,45 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         """Run the scheduled chunks; return the token sampled for each chunk that completes its
-        sequence's known tokens (a decode, or the last chunk of a prompt)."""
-        tokens = self.execute_batch(flatten_chunks(out.chunks, self.block_size))
-        return dict(zip([c.seq for c in out.chunks if c.samples], tokens))
+        sequence's known tokens (a decode, or the last chunk of a prompt). The logprobs asked for
+        are left in ``last_logprobs``."""
+        result = self.execute_batch(flatten_chunks(out.chunks, self.block_size, out.token_masks))
+        self.last_logprobs = result.logprobs
+        return dict(zip([c.seq for c in out.chunks if c.samples], result.token_ids))
 
     @torch.inference_mode()
     def execute_batch(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> list[int]:
-        """The last pipeline stage (or the whole model): run one flat batch and sample; the tokens in
-        ``batch.sampling`` order, [] on a rank that does not sample (tensor-parallel ranks other than 0
-        still compute the logits: they join the LM head's gather)."""
-        logits = self.compute_logits(batch, intermediate)
+                      ) -> SamplerOutput:
+        """The last pipeline stage (or the whole model): run one flat batch, apply each request's
+        logits rules and sample; the tokens in ``batch.sampling`` order and the logprobs asked for
+        (nothing on a rank that does not sample: tensor-parallel ranks other than 0 still compute
+        the logits, as they join the LM head's gather)."""
+        logits = self._logits(batch, intermediate, batch.logits_rows + batch.prompt_rows)
         if logits is None or not self.layout.samples:
-            return []
-        gens = [self._generator_for(rid, params) for rid, params in batch.sampling]
-        return self.sampler(logits, [params for _, params in batch.sampling], gens, self.generator)
+            return SamplerOutput()
+        logits, prompt_logits = logits.split([len(batch.logits_rows), len(batch.prompt_rows)])
+        params = [p for _, p in batch.sampling]
+        processed = logits
+        if batch.rules or batch.token_masks:
+            processed = apply_logits_processors(logits, batch.rules or [None] * len(params),
+                                                stack_masks(batch.token_masks, [1] * len(params)))
+        gens = [self._generator_for(rid, p) for rid, p in batch.sampling]
+        tokens = self.sampler(processed, params, gens, self.generator) if params else []
+        return SamplerOutput(tokens, step_logprobs(batch, logits, tokens, prompt_logits))
 
     @torch.inference_mode()
     def compute_logits(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> torch.Tensor | None:
         """The last pipeline stage (or the whole model): run one flat batch, writing its K/V; the
         logits at ``batch.logits_rows``, None if it has none."""
+        return self._logits(batch, intermediate, batch.logits_rows)
+
+    def _logits(self, batch: StepBatch, intermediate, rows: list[int]) -> torch.Tensor | None:
         if not self.layout.is_last_stage:
             raise ValueError(f"pipeline stage {self.layout.pp_rank} is not the last: use compute_hidden")
-        hidden, inp = self._forward(batch, intermediate)
-        return self.model.compute_logits(hidden[inp.logits_rows]) if batch.logits_rows else None
+        hidden = self._forward(batch, intermediate)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device, dtype=torch.long)]) \
+            if rows else None
 
     @torch.inference_mode()
     def compute_hidden(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -124,12 +141,12 @@ class ModelRunner:
         ``(hidden, residual)`` pair the next stage continues from (its ``intermediate``)."""
         if self.layout.is_last_stage:
             raise ValueError(f"pipeline stage {self.layout.pp_rank} is the last: use compute_logits")
-        return self._forward(batch, intermediate)[0]
+        return self._forward(batch, intermediate)
 
     def _forward(self, batch: StepBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None):
-        """This rank's layers over one flat batch, writing its K/V: what they return, and the input."""
+        """This rank's layers over one flat batch, writing its K/V: what they return."""
         inp = self.build_input(batch)
-        return self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate), inp
+        return self.model(inp.input_ids, inp.positions, inp.attn_metadata, intermediate)
 
     def prepare_input(self, chunks: list[ScheduledChunk]) -> ModelInput:
         return self.build_input(flatten_chunks(chunks, self.block_size))
@@ -146,8 +163,7 @@ class ModelRunner:
             groups = split_by_context_length(decodes) + ([prefills] if prefills else [])
             meta = AttentionMetadata(
                 slot_mapping, groups=[build_attention_group(*zip(*g), block_size=bs, device=dev) for g in groups])
-        return ModelInput(torch.tensor(batch.input_ids, device=dev), torch.tensor(batch.positions, device=dev),
-                          meta, torch.tensor(batch.logits_rows, device=dev, dtype=torch.long))
+        return ModelInput(torch.tensor(batch.input_ids, device=dev), torch.tensor(batch.positions, device=dev), meta)
 
     # ---- per-request state -------------------------------------------------------------------
     def _generator_for(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
