@@ -1,18 +1,24 @@
-"""Generate from the command line.
+"""Generate from the command line, or serve.
 
     python -m minivllm [--prompt "def fibonacci(n):" ...]   # the course model (minivllm.course)
+    python -m minivllm serve [MODEL] [--port 8000 ...]   # the OpenAI-compatible server (minivllm serve)
     python -m minivllm --model FOLDER_OR_HUB_ID [--prompt ...]
     python -m minivllm --tiny-demo      # a tiny random checkpoint built on the spot (output is noise)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 
 from minivllm import LLM, SamplingParams
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from minivllm.entrypoints.cli import serve
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m minivllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()

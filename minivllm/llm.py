@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -12,7 +13,7 @@ from minivllm.config.engine import EngineConfig
 from minivllm.engine.data_parallel import DataParallelEngine
 from minivllm.engine.llm_engine import LLMEngine, PromptType
 from minivllm.outputs import RequestOutput
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("minivllm")
 if not logger.handlers:  # like vLLM, say what the engine decided (cache size) unless told otherwise
@@ -33,7 +34,8 @@ class LLM:
     def __init__(self, model: str, **engine_args):
         """``engine_args`` are vLLM's flat engine arguments, routed to `EngineConfig`'s parts
         (`minivllm.config`): ``dtype``, ``device``, ``seed``, ``attention_backend`` and a learner's pieces
-        (``sampler``, ``block_manager_class``, ``rejection_sampler``, ``row_parallel_linear_class``);
+        (``sampler``, ``block_manager_class``, ``rejection_sampler``, ``row_parallel_linear_class``,
+        ``detokenizer_class``);
         ``block_size``, ``enable_prefix_caching``, ``gpu_memory_utilization``, ``kv_cache_memory``,
         ``num_kv_blocks`` (cache); ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``,
         ``enable_chunked_prefill``, ``batching_policy`` (scheduler); the parallel sizes,
@@ -72,6 +74,9 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        # one output per request, when it has finished (a streaming server asks for deltas instead)
+        params = [p if not isinstance(p, SamplingParams) or p.output_kind is RequestOutputKind.FINAL_ONLY
+                  else replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         engine = self.llm_engine
         ids = [str(next(self._request_counter)) for _ in prompts]
         requests = [engine.make_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params)]
@@ -104,17 +109,23 @@ class LLM:
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"messages={messages!r} must be a conversation (a list of message dicts) or a "
                              "non-empty list of them")
-        tokenizer = self.get_tokenizer()
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template=None, and the model's tokenizer has none: pass one")
-        prompts = []
-        for i, conv in enumerate(conversations):
-            if not isinstance(conv, (list, tuple)) or not conv or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in conv):
-                raise ValueError(f"messages[{i}]={conv!r} must be a non-empty list of {{'role': str, 'content': str}}")
-            text = tokenizer.apply_chat_template(list(conv), chat_template=chat_template, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
-            # the template already wrote any special tokens the model expects at the start
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        prompts = [chat_prompt(self.get_tokenizer(), conv, chat_template, add_generation_prompt, f"messages[{i}]")
+                   for i, conv in enumerate(conversations)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def chat_prompt(tokenizer, conversation: list[dict], chat_template: str | None = None,
+                add_generation_prompt: bool = True, field: str = "messages") -> dict:
+    """One conversation (``{"role", "content"}`` messages) through the chat template (the tokenizer's,
+    or ``chat_template``): the prompt text and its token ids. ValueError naming ``field`` if it is
+    not a conversation, or if there is no template."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=None, and the model's tokenizer has none: pass one")
+    if not isinstance(conversation, (list, tuple)) or not conversation or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in conversation):
+        raise ValueError(f"{field}={conversation!r} must be a non-empty list of {{'role': str, 'content': str}}")
+    text = tokenizer.apply_chat_template(list(conversation), chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    # the template already wrote any special tokens the model expects at the start
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

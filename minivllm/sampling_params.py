@@ -1,10 +1,21 @@
 """Per-request sampling settings, named and validated as in vLLM."""
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top-k entries a request may ask for
+
+
+class RequestOutputKind(enum.Enum):
+    """What `LLMEngine.step` hands back for a request (vLLM's names). minivllm's default is
+    FINAL_ONLY, one output when the request has finished, which is what `LLM.generate` asks for
+    (vLLM's engine defaults to CUMULATIVE); a streaming server asks for DELTA."""
+
+    CUMULATIVE = 0  # after every step that gave it a token: all of its output so far
+    DELTA = 1  # after every step that gave it a token: only what is new since the last output
+    FINAL_ONLY = 2  # once, when it has finished
 
 
 @dataclass
@@ -92,6 +103,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = field(default=None)
+    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -133,6 +145,8 @@ class SamplingParams:
                "must hold non-blank strings")
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams or None")
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
+               "must be a RequestOutputKind")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be a bool")
 

@@ -51,8 +51,10 @@ class StructuredOutputManager:
                         key[1], any_whitespace=not constraint.disable_any_whitespace)
                 elif kind == "regex":
                     grammar = self.compiler.compile_regex(value)
-                elif kind == "choice":  # GBNF string literals escape like JSON strings
-                    grammar = self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+                elif kind == "choice":  # GBNF string literals escape like JSON strings, but non-ASCII
+                    # must stay as is: GBNF reads the \u escape of an emoji as two surrogate code points
+                    grammar = self.compiler.compile_grammar(
+                        "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
                 else:
                     grammar = self.compiler.compile_grammar(value)
             except Exception as e:  # xgrammar raises RuntimeError (and others) for what it cannot parse

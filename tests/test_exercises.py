@@ -27,6 +27,7 @@ from minivllm.course.checks import block_manager as bm_checks
 from minivllm.course.checks import rejection_sampler as verify_checks
 from minivllm.course.checks import sampling as sampling_checks
 from minivllm.course.checks import scheduling_policy as policy_checks
+from minivllm.engine.detokenizer import IncrementalDetokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = ROOT / "exercises"
@@ -743,3 +744,62 @@ def test_row_parallel_check_rejects_a_flawed_layer(forward, shard, words, capsys
     assert not result
     assert result.failure.startswith(words), result.failure
     assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_row_parallel_linear: ")
+
+
+# Each flawed detokenizer breaks one rule of exercise 11.
+class DecodesEachTokenAlone(IncrementalDetokenizer):
+    def add(self, token_id):
+        self.token_ids.append(token_id)
+        new = self._decode([token_id])
+        self.text += new
+        return new
+
+
+class NeverWaits(IncrementalDetokenizer):
+    def add(self, token_id):  # no check for an unfinished character
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        new = full[len(prefix):]
+        self.text += new
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return new
+
+
+class NeverMovesTheWindow(IncrementalDetokenizer):
+    def add(self, token_id):
+        self.token_ids.append(token_id)
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if full.endswith("\ufffd"):
+            return ""
+        self.text += full
+        return full
+
+
+class ForgetsTheText(IncrementalDetokenizer):
+    def add(self, token_id):
+        text = self.text
+        new = super().add(token_id)
+        self.text = text
+        return new
+
+
+@pytest.mark.parametrize("flawed,words", [
+    (DecodesEachTokenAlone, "after token 2 of 'naïve café, déjà vu', add returned '\ufffd': U+FFFD is half a character"),
+    (NeverWaits, "after token 2 of 'naïve café, déjà vu', add returned '\ufffd'"),
+    (NeverMovesTheWindow, "after token 1 of 'naïve café, déjà vu' the text is 'nna', but decoding the first 2"),
+    (ForgetsTheText, "after token 0 of 'naïve café, déjà vu' the text is ''"),
+    (str, "<class 'str'> is not a subclass of IncrementalDetokenizer"),
+])
+def test_detokenizer_check_rejects_a_flawed_detokenizer(flawed, words, capsys):
+    result = checks.check_detokenizer(flawed)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  the incremental detokenizer: ")
+
+
+def test_the_engine_refuses_a_detokenizer_class_that_is_not_one(tmp_path):
+    from minivllm.models.tiny import save_tiny_checkpoint
+
+    with pytest.raises(ValueError, match="detokenizer_class=<class 'dict'> must be a subclass"):
+        LLM(save_tiny_checkpoint(str(tmp_path)), detokenizer_class=dict)

@@ -81,6 +81,7 @@ def test_kernels_import_nothing_of_minivllm_but_themselves():
 
 
 TORCH_FREE = textwrap.dedent("""
+    import json
     import sys
 
     class Refuse:
@@ -92,6 +93,7 @@ TORCH_FREE = textwrap.dedent("""
 
     import minivllm
     from minivllm import SamplingParams
+    from minivllm.core.perfetto import to_chrome_trace
     from minivllm.sim import SimConfig, Simulator, compute_metrics, get_hardware, get_model, preset
     from minivllm.lab.batching import BatchingSettings, simulate as simulate_batching
     from minivllm.lab.chunking import ChunkingSettings, simulate as simulate_chunking
@@ -105,6 +107,8 @@ TORCH_FREE = textwrap.dedent("""
     result = sim.run(preset("balanced", 200, request_rate=10).generate())
     assert len(result.requests) == 200 and all(r.finish_reason for r in result.requests)
     assert compute_metrics(result.trace, result.arrival_times).num_requests == 200
+    perfetto = json.loads(json.dumps(to_chrome_trace(result.trace, arrival_times=result.arrival_times)))
+    assert sum(e["ph"] == "X" and e["pid"] == 1 for e in perfetto["traceEvents"]) == len(result.trace)
 
     batching = SimExperiment(simulate_batching, BatchingSettings())
     batching.update(policy="static")

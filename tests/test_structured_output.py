@@ -417,3 +417,16 @@ def test_bad_constraints_are_refused_before_any_work(llm, kwargs, field):
         temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
         use_tqdm=False)[0]
     assert out.outputs[0].text in ("yes", "no") and out.outputs[0].finish_reason == "stop"
+
+
+def test_characters_outside_the_basic_plane_come_out_whole(llm):
+    """An emoji is one code point of four UTF-8 bytes; spelt as a JSON ``\\u`` escape it would be two
+    surrogates, which a grammar must not see as two characters (their bytes are not valid UTF-8)."""
+    texts = ["café 🚀", "𝔘𝔫𝔦 ok"]
+    for text in texts:
+        for constraint in (StructuredOutputsParams(choice=[text]),
+                           StructuredOutputsParams(json={"enum": [text]}), StructuredOutputsParams(json=json.dumps({"enum": [text]}))):
+            out = llm.generate("the engine", SamplingParams(temperature=0, max_tokens=40, structured_outputs=constraint),
+                               use_tqdm=False)[0].outputs[0]
+            got = json.loads(out.text) if constraint.json is not None else out.text
+            assert got == text and out.finish_reason == "stop", (constraint, out.text)

@@ -52,7 +52,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print(f"workload: {args.num_requests} requests, {args.prompt_len} prompt + {args.output_len} output tokens, "
           f"Poisson at {args.request_rate} req/s; Llama-3.1-8B on H100-SXM, KV cache {result.num_blocks} blocks")
-    print(f"simulated {len(result.trace)} steps, {chunks} scheduled chunks, {metrics.duration:.1f} s of virtual time")
+    print(f"simulated {len(result.trace)} steps, {chunks} scheduled chunks, {metrics.num_preemptions} preemptions, "
+          f"{metrics.duration:.1f} s of virtual time")
     if args.repeats > 1:
         print(f"CPU seconds of each run: {', '.join(f'{c:.2f}' for c in cpus)}; the median below")
     print(f"simulation: {wall:.2f} s wall, {cpu:.2f} s CPU ({cpu / chunks * 1e6:.1f} us CPU per chunk); "

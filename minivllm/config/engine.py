@@ -36,6 +36,7 @@ class EngineConfig:
     block_manager_class: type = BlockManager  # a BlockManagerBase subclass
     rejection_sampler: Callable | None = None  # (draft_tokens, draft_probs, target_probs, generator) -> tokens
     row_parallel_linear_class: type | None = None  # a RowParallelLinear subclass (make_executor checks); None: stock
+    detokenizer_class: type | None = None  # an IncrementalDetokenizer subclass (the engine checks); None: stock
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
@@ -108,9 +109,9 @@ class EngineConfig:
 
     def for_workers(self) -> "EngineConfig":
         """This config as the worker processes get it: they never allocate blocks or schedule, so the
-        block manager class and the batching policy stay with the driver (a learner's, defined in a
+        block manager class, the batching policy and the detokenizer stay with the driver (a learner's, defined in a
         notebook, could not be pickled to them); the sampler and the row-parallel layer go along."""
-        return replace(self, block_manager_class=BlockManager,
+        return replace(self, block_manager_class=BlockManager, detokenizer_class=None,
                        scheduler_config=replace(self.scheduler_config, batching_policy="continuous"))
 
     @property

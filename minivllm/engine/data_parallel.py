@@ -53,10 +53,11 @@ class DataParallelEngine:
 
     def step(self) -> list[RequestOutput]:
         busy = [r for r in self.replicas if r.has_unfinished_requests()]
-        finished = [out for outs in self._pool.map(LLMEngine.step, busy) for out in outs]
-        for out in finished:
-            self.owner.pop(out.request_id, None)
-        return finished
+        outputs = [out for outs in self._pool.map(LLMEngine.step, busy) for out in outs]
+        for out in outputs:
+            if out.finished:
+                self.owner.pop(out.request_id, None)
+        return outputs
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         ids = [request_id] if isinstance(request_id, str) else request_id

@@ -14,10 +14,11 @@ from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence, check_request_fits
 from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord, StepRecorder
+from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.executor.base import Executor, make_executor
 from minivllm.models.loader import resolve_model_folder
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
 from minivllm.spec_decode.decoder import SpeculativeDecoder
 from minivllm.structured_output import StructuredOutputManager
 
@@ -33,6 +34,10 @@ class LLMEngine:
         from transformers import AutoTokenizer  # tokenizer only; the model is minivllm's own
 
         self.config = config
+        self.detokenizer_class = config.detokenizer_class or IncrementalDetokenizer
+        if not (isinstance(self.detokenizer_class, type) and issubclass(self.detokenizer_class, IncrementalDetokenizer)):
+            raise ValueError(f"detokenizer_class={config.detokenizer_class!r} must be a subclass of "
+                             "minivllm.engine.detokenizer.IncrementalDetokenizer")
         folder = resolve_model_folder(config.model)
         self.model_config = mc = ModelConfig.from_folder(folder)
         self.max_model_len = config.scheduler_config.resolve_max_model_len(mc.max_position_embeddings)
@@ -51,8 +56,12 @@ class LLMEngine:
                                                self.max_model_len) if spec else None
         self.requests: dict[str, Sequence] = {}  # by the id of each sample (``i_id`` when n > 1)
         self.parents: dict[str, ParentRequest] = {}  # requests with n > 1, by their own id
+        self.streams: dict[str, SampleStream] = {}  # each sample's text, until its request's last output
+        self._stepped: dict[Sequence, None] = {}
+        self._aborted: list[str] = []  # since the last step
         self._structured_output: StructuredOutputManager | None = None
-        self.trace: list[StepRecord] = []
+        self.trace: list[StepRecord] = []  # every step's record (a server keeps only the last ones)
+        self.num_steps = 0
         self.recorder = StepRecorder()  # writes self.trace's records
         tokens = self.executor.num_blocks * cache.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens; maximum concurrency at "
@@ -137,41 +146,54 @@ class LLMEngine:
         if seqs[0].parent_id is not None:
             self.parents[seqs[0].parent_id] = ParentRequest(seqs)
         for seq in seqs:
+            p = seq.sampling_params
+            self.streams[seq.request_id] = SampleStream(self.detokenizer_class(
+                self.tokenizer, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
+                include_stop_str_in_output=p.include_stop_str_in_output))
             if seq.sampling_params.structured_outputs is not None:
                 self.structured_output.add(seq.request_id, seq.sampling_params.structured_outputs)
             self.requests[seq.request_id] = seq
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
-        """Stop requests wherever they are (every sample of one with ``n`` > 1); each comes back with
-        ``finish_reason="abort"`` on the samples that had not finished."""
+        """Stop requests wherever they are (every sample of one with ``n`` > 1); each comes back
+        finished, with ``finish_reason="abort"`` on the samples that had not finished."""
         ids = [request_id] if isinstance(request_id, str) else request_id
-        outputs = []
+        aborted = []
         for rid in ids:
             parent = self.parents.get(rid)
-            seqs = [s for s in parent.seqs if s.request_id in self.requests] if parent else [self.requests.get(rid)]
-            for seq in seqs:
+            for seq in [s for s in parent.seqs if s.request_id in self.requests] if parent else [self.requests.get(rid)]:
                 if seq is not None:
                     self.scheduler.finish(seq, "abort")
-                    out = self._finish_output(seq)
-                    if out is not None:
-                        outputs.append(out)
-        return outputs
+                    self._release(seq)
+                    aborted.append(seq)
+                    self._aborted.append(seq.request_id)
+        return self._outputs(aborted)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the requests that finished in it (all ``n`` samples)."""
+        """Run one iteration. Returns the requests that finished in it (all ``n`` samples), and, for
+        requests whose ``output_kind`` is DELTA or CUMULATIVE, an unfinished output each time one of
+        their samples got a token."""
+        self._stepped: dict[Sequence, None] = {}  # the samples _check_stop saw a token of, in order
         record, finished = run_step(self.scheduler, self._execute, time.time,
-                                    self._check_stop, len(self.trace), self.recorder)
+                                    self._check_stop, self.num_steps, self.recorder)
+        self.num_steps += 1
+        if self._aborted:  # aborted between steps: the record of the next step says so (their blocks'
+            # return is among its freed blocks)
+            record = replace(record, finished=tuple((rid, "abort") for rid in self._aborted) + record.finished)
+            self._aborted = []
         if record.chunks:
             if self.executor.last_comm:  # worker processes: their collectives in this step
                 record = replace(record, comm=self.executor.last_comm)
             self._keep_logprobs((self.spec_decoder or self.executor).last_logprobs)
         self.trace.append(record)
-        return [out for out in map(self._finish_output, finished) if out is not None]
+        for seq in finished:
+            self._release(seq)
+        return self._outputs(list(self._stepped))
 
     def _execute(self, out: SchedulerOutput) -> dict[Sequence, int | list[int]]:
         grammars = self._structured_output
@@ -199,9 +221,14 @@ class LLMEngine:
         self.executor.close()
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
-        """Apply the request's stop conditions to its newest token; sets ``finish_reason``. Before
-        ``min_tokens`` only the length limits apply (EOS and stop tokens are masked until then)."""
-        p = seq.sampling_params
+        """Take the request's newest token: grow its text, then apply its stop conditions; sets
+        ``finish_reason``. Before ``min_tokens`` only the length limits apply (EOS and stop tokens are
+        masked until then, and a stop string counts only where it ends after those tokens' text)."""
+        self._stepped[seq] = None
+        p, detok = seq.sampling_params, self.streams[seq.request_id].detokenizer
+        new_text = detok.add(token)
+        if seq.num_output_tokens == p.min_tokens:
+            detok.stop_search_from = len(detok.text)
         grammar_done = (self.structured_output.accept(seq.request_id, token)
                         if p.structured_outputs is not None else False)
         if seq.num_output_tokens >= p.min_tokens:
@@ -209,8 +236,8 @@ class LLMEngine:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "stop"
-            elif p.stop and (found := self._find_stop_string(seq)) is not None:
-                seq.finish_reason, seq.stop_reason = "stop", found[1]
+            elif p.stop and (stop := detok.find_stop(len(new_text))) is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
         if seq.finish_reason is None:
             if grammar_done:  # the language is complete and its end taken (even with ignore_eos)
                 seq.finish_reason = "stop"
@@ -218,21 +245,11 @@ class LLMEngine:
                 seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _find_stop_string(self, seq: Sequence) -> tuple[int, str] | None:
-        """Where in the output text a stop string first ends past the text of the first ``min_tokens``
-        tokens (vLLM never looks for stop strings before it, and does not come back for them), and
-        which: ``(index, stop)``; None if none does."""
-        text, p = self._decode(seq), seq.sampling_params
-        start = len(self.tokenizer.decode(seq.output_token_ids[:p.min_tokens],
-                                          skip_special_tokens=p.skip_special_tokens)) if p.min_tokens else 0
-        found = [(i, s) for s in p.stop if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-        return min(found) if found else None
-
-    def _decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
-
-    def _finish_output(self, seq: Sequence) -> RequestOutput | None:
-        """The finished request's output; with ``n`` > 1, once its last sample has finished (None before)."""
+    def _release(self, seq: Sequence) -> None:
+        """A finished sample gives back its per-request state (its blocks went with `Scheduler.finish`);
+        unless a stop string cut its text, the text takes in what was held back."""
+        if not isinstance(seq.stop_reason, str):
+            self.streams[seq.request_id].detokenizer.flush()
         self.requests.pop(seq.request_id, None)
         self.executor.release(seq.request_id)
         if self._structured_output is not None:
@@ -240,38 +257,60 @@ class LLMEngine:
         if self.spec_decoder is not None:
             self.spec_decoder.release(seq.request_id)
         seq.finished_time = time.time()
-        if seq.parent_id is None:
-            return self._request_output(seq.request_id, [seq])
-        parent = self.parents[seq.parent_id]
-        parent.num_finished += 1
-        if parent.num_finished < len(parent.seqs):
-            return None
-        del self.parents[seq.parent_id]
-        return self._request_output(seq.parent_id, parent.seqs)
 
-    def _request_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
-        first = seqs[0]
+    # ---- outputs -------------------------------------------------------------------------------
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """The outputs owed for ``seqs`` (samples that got a token or ended), one per request, by
+        each request's ``output_kind``."""
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in seqs:
+            by_request.setdefault(seq.parent_id or seq.request_id, []).append(seq)
+        outputs = []
+        for request_id, touched in by_request.items():
+            samples = self.parents[request_id].seqs if touched[0].parent_id is not None else touched
+            finished = all(s.finish_reason is not None for s in samples)
+            kind = samples[0].sampling_params.output_kind
+            if kind is RequestOutputKind.FINAL_ONLY and not finished:
+                continue
+            shown = touched if kind is RequestOutputKind.DELTA else samples
+            outputs.append(self._request_output(request_id, samples, shown, finished))
+            if finished:
+                self.parents.pop(request_id, None)
+                for s in samples:
+                    del self.streams[s.request_id]
+        return outputs
+
+    def _request_output(self, request_id: str, samples: list[Sequence], shown: list[Sequence],
+                        finished: bool) -> RequestOutput:
+        first = samples[0]
         metrics = RequestMetrics(
-            first.arrival_time, _earliest(s.first_scheduled_time for s in seqs),
-            _earliest(s.first_token_time for s in seqs), max(s.finished_time for s in seqs),
-            sum(s.num_cached_tokens or 0 for s in seqs), sum(s.num_preemptions for s in seqs),
-            reduce(SpecDecodeMetrics.merge, (s.spec_metrics for s in seqs)) if self.spec_decoder is not None else None)
-        prompt_logprobs = self._with_text(first.prompt_logprobs) if first.prompt_logprobs is not None else None
+            first.arrival_time, _earliest(s.first_scheduled_time for s in samples),
+            _earliest(s.first_token_time for s in samples),
+            max(s.finished_time for s in samples) if finished else None,
+            sum(s.num_cached_tokens or 0 for s in samples), sum(s.num_preemptions for s in samples),
+            reduce(SpecDecodeMetrics.merge, (s.spec_metrics for s in samples)) if self.spec_decoder is not None else None)
+        prompt_logprobs = (self._with_text(first.prompt_logprobs)
+                           if first.prompt_logprobs is not None and finished else None)
         return RequestOutput(request_id, first.prompt, list(first.prompt_token_ids),
-                             [self._completion(s) for s in seqs], finished=True, metrics=metrics,
+                             [self._completion(s) for s in shown], finished=finished, metrics=metrics,
                              prompt_logprobs=prompt_logprobs)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
-        text = self._decode(seq)
-        if isinstance(seq.stop_reason, str):  # vLLM leaves the stop string out of the text, unless asked
-            end = self._find_stop_string(seq)[0]  # the occurrence that stopped it, not one before min_tokens
-            text = text[:end + len(seq.stop_reason) if seq.sampling_params.include_stop_str_in_output else end]
+        """The sample's output so far (all of it, or with DELTA what is new since the last one); its
+        text stops short of what may still be the start of a stop string until it finishes."""
+        stream, finished = self.streams[seq.request_id], seq.finish_reason is not None
+        text_end = stream.detokenizer.streamable_text_len(finished)
+        start_text, start_token = 0, 0
+        if seq.sampling_params.output_kind is RequestOutputKind.DELTA:
+            start_text, start_token = stream.sent_text, stream.sent_tokens
+            stream.sent_text, stream.sent_tokens = text_end, seq.num_output_tokens
+        token_ids = seq.output_token_ids[start_token:]
         logprobs = cumulative = None
         if seq.logprobs is not None:
-            logprobs = self._with_text(seq.logprobs)
+            logprobs = self._with_text(seq.logprobs[start_token:])
             cumulative = sum(report[t].logprob for report, t in zip(seq.logprobs, seq.output_token_ids))
-        return CompletionOutput(seq.sample_index, text, list(seq.output_token_ids), seq.finish_reason,
-                                seq.stop_reason, cumulative, logprobs)
+        return CompletionOutput(seq.sample_index, stream.detokenizer.text[start_text:text_end], token_ids,
+                                seq.finish_reason, seq.stop_reason, cumulative, logprobs)
 
     def _with_text(self, reports: list[PositionLogprobs | None]) -> list[PositionLogprobs | None]:
         """The reports with each token's text filled in (``Logprob.decoded_token``)."""
@@ -281,10 +320,18 @@ class LLMEngine:
 
 @dataclass
 class ParentRequest:
-    """A request with ``n`` > 1: its samples, and how many of them have finished."""
+    """A request with ``n`` > 1: its samples."""
 
     seqs: list[Sequence]
-    num_finished: int = 0
+
+
+@dataclass
+class SampleStream:
+    """One sample's text as it grows, and (DELTA outputs) how much of it has been handed out."""
+
+    detokenizer: IncrementalDetokenizer
+    sent_text: int = 0
+    sent_tokens: int = 0
 
 
 def _earliest(times) -> float | None:

@@ -18,6 +18,7 @@ simulator's labs and the Cinema need no torch.
 | 06 | `AttentionRooflineLab`: bytes, FLOPs and the roofline of paged attention |
 | 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
+| 11 | `ServingLab`: a live benchmark against a real OpenAI-compatible server |
 """
 from minivllm._lazy import lazy_attributes
 
@@ -25,6 +26,8 @@ _MODULES = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png
             "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
             "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
             "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "ParallelLab": "parallel",
-            "SpecDecodeLab": "spec", "SpecRun": "spec"}
+            "SpecDecodeLab": "spec", "SpecRun": "spec",
+            "ServingBench": "serving", "ServingLab": "serving",
+            "ServingSettings": "serving"}
 __getattr__, __dir__ = lazy_attributes(__name__, {name: f"minivllm.lab.{m}" for name, m in _MODULES.items()})
 __all__ = list(_MODULES)

@@ -9,15 +9,16 @@ runner. No torch: `tests/test_layers.py` imports it and runs it with torch unimp
 """
 from minivllm.sim.cost_model import CostModel
 from minivllm.sim.hardware import HARDWARE, Hardware, get_hardware
-from minivllm.sim.metrics import (SLO, LatencyStats, Metrics, RequestTimeline, Timeline, compute_metrics,
-                                  request_timelines, step_timeline)
+from minivllm.sim.metrics import (SLO, LatencyStats, Metrics, RequestRecord, RequestTimeline, Timeline,
+                                  compute_metrics, report, request_timelines, step_timeline, summarize)
 from minivllm.sim.model_specs import MODELS, ModelSpec, get_model
 from minivllm.sim.planner import Communication, LayoutPlan, ParallelLayout, plan_layout
 from minivllm.sim.simulator import SimConfig, SimResult, Simulator
 from minivllm.sim.workload import PRESETS, Lengths, Request, Workload, preset
 
 __all__ = ["CostModel", "HARDWARE", "Hardware", "get_hardware", "SLO", "LatencyStats",
-           "Metrics", "RequestTimeline", "Timeline", "compute_metrics", "request_timelines", "step_timeline",
+           "Metrics", "RequestRecord", "RequestTimeline", "Timeline", "compute_metrics", "report",
+           "request_timelines", "step_timeline", "summarize",
            "MODELS", "ModelSpec", "get_model", "Communication", "LayoutPlan", "ParallelLayout",
            "plan_layout", "SimConfig", "SimResult", "Simulator", "PRESETS", "Lengths",
            "Request", "Workload", "preset"]

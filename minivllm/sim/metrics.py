@@ -10,11 +10,18 @@ step that sampled each) and so finishes at ``t_n``:
   throughput = output tokens / duration, total throughput adds the prompt tokens;
 * goodput = requests meeting every given SLO (TTFT, TPOT, E2E; unset ones ignored) / duration.
 
-Latency statistics are the mean, the median and the 99th percentile (linear interpolation, like
-``numpy.percentile``), in seconds.
+Latency statistics are the mean, the median, the standard deviation and chosen percentiles (the
+99th unless told; linear interpolation, like ``numpy.percentile``), in seconds.
+
+The summary and its report are written once, over `RequestRecord`s, and used twice: `compute_metrics`
+reads the records from a simulated trace, the bench client (`python -m minivllm.bench serve`) measures
+them over HTTP; both call `summarize` and print with `report`, so a simulated run and a measured one
+print the same table, laid out as `vllm bench serve` prints it.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,16 +31,21 @@ from minivllm.core.trace import StepRecord
 
 @dataclass(frozen=True)
 class LatencyStats:
+    """One latency's statistics in seconds; ``p99`` always, ``percentiles`` those asked for."""
+
     mean: float
     median: float
     p99: float
+    std: float = math.nan
+    percentiles: tuple[tuple[float, float], ...] = ()  # (p, value) for each percentile asked for
 
     @classmethod
-    def of(cls, values) -> "LatencyStats":
-        if len(values) == 0:
-            return cls(float("nan"), float("nan"), float("nan"))
+    def of(cls, values, percentiles: Sequence[float] = (99.0,)) -> "LatencyStats":
+        if len(values) == 0:  # no data is nan, not vLLM's 0: a latency of 0 ms would be a claim
+            return cls(math.nan, math.nan, math.nan, math.nan, tuple((float(p), math.nan) for p in percentiles))
         v = np.asarray(values, dtype=float)
-        return cls(float(v.mean()), float(np.median(v)), float(np.percentile(v, 99)))
+        return cls(float(v.mean()), float(np.median(v)), float(np.percentile(v, 99)), float(v.std()),
+                   tuple((float(p), float(np.percentile(v, p))) for p in percentiles))
 
 
 @dataclass(frozen=True)
@@ -50,19 +62,25 @@ class SLO:
             if value is not None and not value > 0:
                 raise ValueError(f"SLO.{name}={value!r} must be > 0 or None")
 
+    def met_by(self, r: RequestRecord) -> bool:
+        """Every target given is met (a one-token request has no TPOT and meets that target, as in vLLM)."""
+        return ((self.ttft is None or r.ttft <= self.ttft) and (self.e2e is None or r.e2e <= self.e2e)
+                and (self.tpot is None or r.tpot is None or r.tpot <= self.tpot))
+
 
 @dataclass(frozen=True)
-class RequestTimeline:
-    """One request's life, read from the trace (the Gantt chart's bar)."""
+class RequestRecord:
+    """One finished request as the serving metrics see it, simulated or measured: it arrived (was
+    sent) at ``arrival``; its output came at ``token_times`` (one time per streamed chunk; in the
+    simulator a chunk is one token), the first at ``first_token``, the last at ``finished``."""
 
     request_id: str
     arrival: float
-    first_scheduled: float
     first_token: float
     finished: float
     token_times: tuple[float, ...]
     num_prompt_tokens: int
-    num_preemptions: int
+    num_output_tokens: int
 
     @property
     def ttft(self) -> float:
@@ -74,13 +92,26 @@ class RequestTimeline:
 
     @property
     def tpot(self) -> float | None:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+        # vLLM's (latency - TTFT) / (tokens - 1): a chunk may carry several tokens, so not the chunk gaps
+        n = self.num_output_tokens
+        return (self.finished - self.first_token) / (n - 1) if n > 1 else None
+
+    @property
+    def itls(self) -> np.ndarray:
+        return np.diff(self.token_times)
+
+
+@dataclass(frozen=True)
+class RequestTimeline(RequestRecord):
+    """One simulated request's life, read from the trace (the Gantt chart's bar)."""
+
+    first_scheduled: float
+    num_preemptions: int
 
 
 @dataclass(frozen=True)
 class Metrics:
-    num_requests: int
+    num_requests: int  # completed
     duration: float
     total_input_tokens: int
     total_output_tokens: int
@@ -92,10 +123,15 @@ class Metrics:
     tpot: LatencyStats
     itl: LatencyStats
     e2e: LatencyStats
-    num_preemptions: int
+    num_preemptions: int | None  # the simulator's count; None where unknown (a measured run)
+    num_failed: int = 0
+
+    def stats(self, metric: str) -> LatencyStats:
+        """The statistics of ``metric``, named as `vllm bench serve --percentile-metrics` names it."""
+        return {"ttft": self.ttft, "tpot": self.tpot, "itl": self.itl, "e2el": self.e2e}[metric]
 
     def rows(self) -> list[tuple[str, str]]:
-        """(label, value) pairs in `vllm bench serve`'s order, latencies in ms."""
+        """(label, value) pairs in `vllm bench serve`'s order, latencies in ms (the labs' HTML table)."""
         rows = [("Successful requests", f"{self.num_requests}"),
                 ("Benchmark duration (s)", f"{self.duration:.2f}"),
                 ("Total input tokens", f"{self.total_input_tokens}"),
@@ -108,11 +144,92 @@ class Metrics:
         for label, s in (("TTFT", self.ttft), ("TPOT", self.tpot), ("ITL", self.itl), ("E2E latency", self.e2e)):
             rows += [(f"Mean {label} (ms)", f"{s.mean * 1e3:.2f}"), (f"Median {label} (ms)", f"{s.median * 1e3:.2f}"),
                      (f"P99 {label} (ms)", f"{s.p99 * 1e3:.2f}")]
-        rows.append(("Preemptions", f"{self.num_preemptions}"))
+        if self.num_preemptions is not None:
+            rows.append(("Preemptions", f"{self.num_preemptions}"))
         return rows
 
-    def table(self) -> str:
-        return "\n".join(f"{label:<34}{value:>12}" for label, value in self.rows())
+    def table(self, percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el")) -> str:
+        """The `vllm bench serve` result block (`report`)."""
+        return report(self, percentile_metrics)
+
+    def result_dict(self, percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el")) -> dict:
+        """The summary under the keys of `vllm bench serve --save-result` (latencies in ms; None where
+        there was no data, where vLLM writes 0)."""
+        result = {"duration": self.duration, "completed": self.num_requests, "failed": self.num_failed,
+                  "total_input_tokens": self.total_input_tokens, "total_output_tokens": self.total_output_tokens,
+                  "request_throughput": self.request_throughput, "request_goodput": self.goodput,
+                  "output_throughput": self.output_throughput, "total_token_throughput": self.total_token_throughput}
+        for metric in percentile_metrics:
+            s = self.stats(metric)
+            result |= {f"mean_{metric}_ms": _ms(s.mean), f"median_{metric}_ms": _ms(s.median),
+                       f"std_{metric}_ms": _ms(s.std)}
+            result |= {f"p{_percentile_word(p)}_{metric}_ms": _ms(v) for p, v in s.percentiles}
+        return result
+
+
+PERCENTILE_METRICS = {"ttft": ("TTFT", "Time to First Token"),  # vLLM's names and section headers
+                      "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
+                      "itl": ("ITL", "Inter-token Latency"),
+                      "e2el": ("E2EL", "End-to-end Latency")}
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else seconds * 1e3
+
+
+def _percentile_word(p: float) -> str:
+    return str(int(p)) if int(p) == p else str(p)  # 99 -> "99", 99.9 -> "99.9", as vLLM names them
+
+
+def summarize(records: Sequence[RequestRecord], duration: float, slo: SLO | None = None, *,
+              num_failed: int = 0, percentiles: Sequence[float] = (99.0,),
+              num_preemptions: int | None = None) -> Metrics:
+    """The `vllm bench serve` summary of the finished requests ``records`` over ``duration`` seconds;
+    ``num_failed`` requests did not finish. ITL pools every gap of every request."""
+    if not duration > 0:
+        raise ValueError(f"duration={duration!r} must be > 0")
+    out_tokens = sum(r.num_output_tokens for r in records)
+    in_tokens = sum(r.num_prompt_tokens for r in records)
+    itl = np.concatenate([r.itls for r in records]) if records else np.array([])
+    goodput = None if slo is None else sum(slo.met_by(r) for r in records) / duration
+    return Metrics(
+        num_requests=len(records), duration=duration, total_input_tokens=in_tokens,
+        total_output_tokens=out_tokens, request_throughput=len(records) / duration,
+        output_throughput=out_tokens / duration, total_token_throughput=(in_tokens + out_tokens) / duration,
+        goodput=goodput, ttft=LatencyStats.of([r.ttft for r in records], percentiles),
+        tpot=LatencyStats.of([r.tpot for r in records if r.tpot is not None], percentiles),
+        itl=LatencyStats.of(itl, percentiles), e2e=LatencyStats.of([r.e2e for r in records], percentiles),
+        num_preemptions=num_preemptions, num_failed=num_failed)
+
+
+def report(m: Metrics, percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), *,
+           max_concurrency: int | None = None, request_rate: float | None = None) -> str:
+    """The result block `vllm bench serve` prints, with the same labels, widths and sections: the
+    simulator's `Metrics.table` and the bench client both print this."""
+    def line(label: str, value, fmt: str = "") -> str:
+        return f"{label:<40} {value:<10{fmt}}"
+
+    lines = [f"{' Serving Benchmark Result ':=^50}", line("Successful requests:", m.num_requests),
+             line("Failed requests:", m.num_failed)]
+    if max_concurrency is not None:
+        lines.append(line("Maximum request concurrency:", max_concurrency))
+    if request_rate is not None and math.isfinite(request_rate):
+        lines.append(line("Request rate configured (RPS):", request_rate, ".2f"))
+    lines += [line("Benchmark duration (s):", m.duration, ".2f"), line("Total input tokens:", m.total_input_tokens),
+              line("Total generated tokens:", m.total_output_tokens),
+              line("Request throughput (req/s):", m.request_throughput, ".2f")]
+    if m.goodput is not None:
+        lines.append(line("Request goodput (req/s):", m.goodput, ".2f"))
+    lines += [line("Output token throughput (tok/s):", m.output_throughput, ".2f"),
+              line("Total token throughput (tok/s):", m.total_token_throughput, ".2f")]
+    for metric in percentile_metrics:
+        name, header = PERCENTILE_METRICS[metric]
+        s = m.stats(metric)
+        lines += [f"{header:-^50}", line(f"Mean {name} (ms):", s.mean * 1e3, ".2f"),
+                  line(f"Median {name} (ms):", s.median * 1e3, ".2f")]
+        lines += [line(f"P{_percentile_word(p)} {name} (ms):", v * 1e3, ".2f") for p, v in s.percentiles]
+    lines.append("=" * 50)
+    return "\n".join(lines)
 
 
 def request_timelines(trace: list[StepRecord], arrival_times: dict[str, float]) -> list[RequestTimeline]:
@@ -134,12 +251,15 @@ def request_timelines(trace: list[StepRecord], arrival_times: dict[str, float]) 
             preemptions[rid] += 1
         for rid, _reason in rec.finished:
             finished[rid] = rec.end_time
-    return [RequestTimeline(rid, arrival, first_scheduled[rid], tokens[rid][0], finished[rid], tuple(tokens[rid]),
-                            prompt_len[rid], preemptions[rid])
+    return [RequestTimeline(request_id=rid, arrival=arrival, first_token=tokens[rid][0], finished=finished[rid],
+                            token_times=tuple(tokens[rid]), num_prompt_tokens=prompt_len[rid],
+                            num_output_tokens=len(tokens[rid]), first_scheduled=first_scheduled[rid],
+                            num_preemptions=preemptions[rid])
             for rid, arrival in arrival_times.items() if rid in finished]
 
 
-def compute_metrics(trace: list[StepRecord], arrival_times: dict[str, float], slo: SLO | None = None) -> Metrics:
+def compute_metrics(trace: list[StepRecord], arrival_times: dict[str, float], slo: SLO | None = None, *,
+                    percentiles: Sequence[float] = (99.0,)) -> Metrics:
     """The `vllm bench serve` summary of a trace; ``arrival_times`` maps request id to arrival."""
     if not trace:
         raise ValueError("trace is empty: nothing ran")
@@ -147,23 +267,8 @@ def compute_metrics(trace: list[StepRecord], arrival_times: dict[str, float], sl
     if not timelines:
         raise ValueError("trace has no finished request")
     duration = max(t.finished for t in timelines) - min(arrival_times.values())
-    out_tokens = sum(len(t.token_times) for t in timelines)
-    in_tokens = sum(t.num_prompt_tokens for t in timelines)
-    itl = np.concatenate([np.diff(t.token_times) for t in timelines])
-    goodput = None
-    if slo is not None:
-        good = sum(1 for t in timelines
-                   if (slo.ttft is None or t.ttft <= slo.ttft) and (slo.e2e is None or t.e2e <= slo.e2e)
-                   and (slo.tpot is None or t.tpot is None or t.tpot <= slo.tpot))
-        goodput = good / duration
-    return Metrics(
-        num_requests=len(timelines), duration=duration, total_input_tokens=in_tokens,
-        total_output_tokens=out_tokens, request_throughput=len(timelines) / duration,
-        output_throughput=out_tokens / duration, total_token_throughput=(in_tokens + out_tokens) / duration,
-        goodput=goodput, ttft=LatencyStats.of([t.ttft for t in timelines]),
-        tpot=LatencyStats.of([t.tpot for t in timelines if t.tpot is not None]),
-        itl=LatencyStats.of(itl), e2e=LatencyStats.of([t.e2e for t in timelines]),
-        num_preemptions=sum(len(r.preempted) for r in trace))
+    return summarize(timelines, duration, slo, percentiles=percentiles,
+                     num_preemptions=sum(len(r.preempted) for r in trace))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""How minivllm is served: an OpenAI-compatible HTTP server (`minivllm serve`) on `AsyncLLM`."""
