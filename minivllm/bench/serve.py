@@ -38,9 +38,11 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Callable
 
 import httpx2 as httpx  # httpx's successor, which openai and huggingface_hub use
 
@@ -155,10 +157,16 @@ async def send(client: httpx.AsyncClient, config: BenchConfig, request: Request,
                          record, "".join(texts))
 
 
-async def run(config: BenchConfig, requests: list[Request] | None = None) -> tuple[list[RequestResult], float]:
+async def run(config: BenchConfig, requests: list[Request] | None = None, *, stop: threading.Event | None = None,
+              on_sent: Callable[[], None] | None = None,
+              on_result: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], float]:
     """Send ``requests`` (by default the config's workload) at their arrival times; the results in
-    request order and the wall time from the first send to the last answer."""
+    request order and the wall time from the first send to the last answer. ``stop`` (set from any
+    thread) ends the run early: no more requests are sent and those in flight are cancelled (their
+    connections close, so the server aborts them); the results hold only the requests that ended
+    on their own. ``on_sent`` and ``on_result`` are called as each request goes out and comes back."""
     requests = config.workload().generate() if requests is None else requests
+    stop = stop or threading.Event()
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else contextlib.nullcontext()
     # no connection-pool limit of the client's own: only --max-concurrency may hold requests back
     async with httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout),
@@ -167,15 +175,40 @@ async def run(config: BenchConfig, requests: list[Request] | None = None) -> tup
 
         async def limited(request: Request) -> RequestResult:
             ready = time.perf_counter()
-            async with limit:
-                return await send(client, config, request, t0, time.perf_counter() - ready)
+            async with limit:  # cancelled while waiting here: never sent
+                if on_sent is not None:
+                    on_sent()
+                result = await send(client, config, request, t0, time.perf_counter() - ready)
+            if on_result is not None:
+                on_result(result)
+            return result
 
         tasks = []
         for request in requests:  # sleep until each arrival time, measured from the start, so no drift
-            await asyncio.sleep(max(0.0, t0 + request.arrival_time - time.perf_counter()))
+            if not await _sleep_until(t0 + request.arrival_time, stop):
+                break
             tasks.append(asyncio.create_task(limited(request)))
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - t0
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+            if pending and stop.is_set():
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+        results = [t.result() for t in tasks if not t.cancelled()]
+        return results, time.perf_counter() - t0
+
+
+async def _sleep_until(deadline: float, stop: threading.Event) -> bool:
+    """Sleep until ``deadline`` (perf_counter), waking now and then to look at ``stop``; False if it
+    was set first."""
+    while not stop.is_set():
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return True
+        await asyncio.sleep(min(left, 0.05))
+    return False
 
 
 def summarize_results(results: list[RequestResult], duration: float, slo: SLO | None = None,

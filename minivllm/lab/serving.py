@@ -1,12 +1,12 @@
 """Chapter 11's lab: a live benchmark against a real OpenAI-compatible server.
 
-The state (`ServingBench`) is one `vllm bench serve`-style run: the bench client's seeded requests
-(`minivllm.bench.serve`: its `BenchConfig` workload, each request streamed and timed by its `send`)
-sent at their arrival times from a background thread, so a notebook's widgets stay live while it
-runs. While it runs, the server's ``/metrics`` page is scraped a few times a second; when it ends,
+The state (`ServingBench`) is one `vllm bench serve`-style run: the bench client's own `run`
+(`minivllm.bench.serve`: its seeded `BenchConfig` workload, each request streamed and timed) in a
+background thread, so a notebook's widgets stay live while it runs; its callbacks count the requests
+as they go out and come back. While it runs, the server's ``/metrics`` page is scraped a few times a second; when it ends,
 the requests' records are summarised and printed by the code the bench client and the simulator
-share (`minivllm.sim.metrics`). *stop* sets a flag the sending loop honours: requests not yet sent
-are never sent, and those in flight are cancelled (their connections close, so the server aborts
+share (`minivllm.sim.metrics`). *stop* sets the flag `run` honours: requests not yet sent are never
+sent, and those in flight are cancelled (their connections close, so the server aborts
 them and frees their KV blocks).
 
 Given no server, the lab starts its own (`minivllm.entrypoints.openai.in_process.InProcessServer`).
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import httpx2 as httpx
 import ipywidgets as widgets
 
-from minivllm.bench.serve import BenchConfig, RequestResult, send, summarize_results
+from minivllm.bench.serve import BenchConfig, RequestResult, run, summarize_results
 from minivllm.entrypoints.openai.in_process import InProcessServer
 from minivllm.lab.base import Lab, LabError, error_html
 from minivllm.sim.metrics import Metrics, report
@@ -190,21 +190,13 @@ class ServingBench:
 
     async def _main(self) -> None:
         config = self.config
-        requests = config.workload().generate()
-        limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-        no_pool_limit = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # only max_concurrency
-        async with httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout), limits=no_pool_limit) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:  # for /metrics
             self.baseline = self.live = await self._scrape(client)
             poller = asyncio.create_task(self._poll(client))
-            t0 = time.perf_counter()
             self.started = time.monotonic()
-            tasks = []
-            for request in requests:  # each at its arrival time, measured from the start
-                if not await self._sleep_until(t0 + request.arrival_time):
-                    break
-                tasks.append(asyncio.create_task(self._one(client, config, request, t0, limit)))
-            await self._finish_or_cancel(tasks)
-            self.duration = time.perf_counter() - t0
+            results, self.duration = await run(config, stop=self._stop, on_sent=self._sent, on_result=self._answered)
+            with self._lock:
+                self.num_cancelled = self.num_sent - len(results)
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
             self.live = await self._scrape(client)
@@ -218,47 +210,17 @@ class ServingBench:
             self.report = report(self.metrics, PERCENTILE_METRICS, max_concurrency=config.max_concurrency,
                                  request_rate=config.request_rate)
 
-    async def _sleep_until(self, deadline: float) -> bool:
-        """Sleep until ``deadline`` (perf_counter); False if a stop came first."""
-        while not self._stop.is_set():
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return True
-            await asyncio.sleep(min(left, 0.05))
-        return False
+    def _sent(self) -> None:
+        with self._lock:
+            self.num_sent += 1
 
-    async def _one(self, client, config: BenchConfig, request, t0: float, limit) -> None:
-        ready = time.perf_counter()
-        if limit is not None:
-            await limit.acquire()  # cancelled while waiting here: never sent
-        try:
-            with self._lock:
-                self.num_sent += 1
-            try:
-                result = await send(client, config, request, t0, time.perf_counter() - ready)
-            except asyncio.CancelledError:  # stopped mid-stream: the closed connection aborts it
-                with self._lock:
-                    self.num_cancelled += 1
-                raise
-        finally:
-            if limit is not None:
-                limit.release()
+    def _answered(self, result: RequestResult) -> None:
         with self._lock:
             self.results.append(result)
             if result.record is None:
                 self.num_failed += 1
             else:
                 self.num_finished += 1
-
-    async def _finish_or_cancel(self, tasks: list[asyncio.Task]) -> None:
-        pending = set(tasks)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=0.05)
-            if pending and self._stop.is_set():
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                return
 
     async def _scrape(self, client) -> dict[str, float]:
         response = await client.get(f"{self.base_url}/metrics")
