@@ -10,7 +10,7 @@ import pytest
 
 from minivllm import course
 from minivllm.lab.base import LabError
-from minivllm.entrypoints.openai.in_process import InProcessServer
+from minivllm.entrypoints.openai.local import InProcessServer
 from minivllm.lab.serving import ServingBench, ServingLab, ServingSettings, parse_metrics
 
 MAX_MODEL_LEN = 256

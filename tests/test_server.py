@@ -19,25 +19,11 @@ from openai import OpenAI
 
 from minivllm import LLM, SamplingParams, course
 from minivllm.engine.detokenizer import IncrementalDetokenizer
-from minivllm.entrypoints.openai.in_process import InProcessServer
-from minivllm.executor.multiproc import free_port
+from minivllm.entrypoints.openai.local import STARTUP_GUARD_S, InProcessServer, serve_process
 from minivllm.sampling_params import RequestOutputKind
 
 NAME = "course"
 PROMPTS = ["def fibonacci(n):", "class Stack:\n", "import os\n", "for i in range(10):", "x = [", "try:\n"]
-STARTUP_GUARD_S = 60  # not a performance bound: a server that never comes up must not hang the suite
-
-
-def wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + STARTUP_GUARD_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up")
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +39,8 @@ def offline_text(llm: LLM, prompts: list, **kw) -> list[str]:
 # ---- a real `minivllm serve` process and the official client --------------------------------------
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "minivllm", "serve", "--port", str(port), "--max-model-len", "256",
-                             "--served-model-name", NAME, "--api-key", "secret"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url)
+    with serve_process("--max-model-len", "256", "--served-model-name", NAME, "--api-key", "secret") as url:
         yield url, OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
 
 
 def test_the_openai_client_gets_the_offline_text_streamed_or_not(served, offline):
@@ -216,6 +193,8 @@ def test_two_hundred_streams_with_disconnects_lose_nothing(in_process, offline):
     assert bm.num_free_blocks == bm.num_blocks, "every KV block is back in the pool"
     bm.check_invariants([])
     assert health and set(health) == {200}
+    metrics = llm.listeners[0].__self__
+    assert not metrics._last_output_time and not metrics._num_samples, "aborted requests leave no state behind"
     assert len(engine.trace) <= 2 * 50, "the trace keeps only the last steps"
     finished = [f for rec in engine.trace for f in rec.finished]
     assert len({rid for rid, _ in finished}) == len(finished), "no request finishes twice"

@@ -19,18 +19,15 @@ import asyncio
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
-import httpx2 as httpx
 import torch
 
 from minivllm import LLM, SamplingParams, course
 from minivllm.bench.serve import BenchConfig, run
 from minivllm.benchmarks.offline_throughput import cpu_model, load_average
-from minivllm.executor.multiproc import free_port
+from minivllm.entrypoints.openai.local import serve_process
 
 
 def offline(requests, concurrency: int) -> tuple[float, float]:
@@ -47,26 +44,9 @@ def offline(requests, concurrency: int) -> tuple[float, float]:
 
 def served(config: BenchConfig, requests, threads: int) -> tuple[float, float, int]:
     """Output tokens per second through the server, the median client-side TTFT (ms), failures."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's thread count in the server
-    server = subprocess.Popen([sys.executable, "-m", "minivllm", "serve", "--port", str(port), "--max-model-len",
-                               "512", "--served-model-name", config.model], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.1)
+    with serve_process("--max-model-len", "512", "--served-model-name", config.model,
+                       env={"OMP_NUM_THREADS": str(threads)}) as url:  # torch's thread count in the server
         results, duration = asyncio.run(run(replace(config, base_url=url), requests))
-    finally:
-        server.terminate()
-        server.wait(30)
     done = [r.record for r in results if r.record is not None]
     return (sum(r.num_output_tokens for r in done) / duration, statistics.median(1000 * r.ttft for r in done),
             len(results) - len(done))

@@ -15,13 +15,12 @@ import threading
 from typing import AsyncIterator, Callable
 
 from minivllm.config.engine import EngineConfig
-from minivllm.core.trace import StepRecord
 from minivllm.engine.data_parallel import DataParallelEngine
 from minivllm.engine.llm_engine import LLMEngine, PromptType
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
-StepListener = Callable[[list[StepRecord], list[RequestOutput]], None]
+OutputListener = Callable[[list[RequestOutput]], None]
 
 
 class EngineDeadError(RuntimeError):
@@ -36,7 +35,7 @@ class AsyncLLM:
         self.replicas: list[LLMEngine] = getattr(engine, "replicas", [engine])
         self.tokenizer = engine.tokenizer
         self.max_trace_steps = max_trace_steps  # a long-running server keeps only the last steps
-        self.listeners: list[StepListener] = []  # called in the engine thread after every step (metrics)
+        self.listeners: list[OutputListener] = []  # called in the engine thread with all outputs (metrics)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -58,10 +57,9 @@ class AsyncLLM:
     # ---- the event loop's side -----------------------------------------------------------------
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as the engine makes them: with ``params.output_kind`` DELTA (the
-        default here is what the caller set; FINAL_ONLY gives one output) until one is ``finished``.
-        A bad request raises ValueError before the first output. Leaving the loop early (the
-        consumer was cancelled) aborts the request."""
+        """The request's outputs as the engine makes them (as ``params.output_kind`` asks: a server
+        asks for DELTA), until one is ``finished``. A bad request raises ValueError before the first
+        output. Leaving the loop early (the consumer was cancelled) aborts the request."""
         if not self.is_running:
             raise EngineDeadError(f"the engine has stopped: {self.dead_because!r}")
         if request_id in self._streams:
@@ -96,21 +94,16 @@ class AsyncLLM:
         self._commands.put(command)
         self._wake.set()
 
-    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, handed to each event loop in one wake-up (not one per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for out in outputs:
-            target = self._streams.get(out.request_id)
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand ``(request_id, output or error)`` pairs to their streams, one wake-up per event loop
+        (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
             if target is not None:  # else its consumer has gone: an abort is on its way
-                by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:  # else its consumer has gone: an abort is on its way
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -121,23 +114,17 @@ class AsyncLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                steps_before = [r.num_steps for r in self.replicas]
                 outputs = self.engine.step()
-                records = [r.trace[-1] for r, n in zip(self.replicas, steps_before) if r.num_steps > n]
                 for replica in self.replicas:
                     if len(replica.trace) > 2 * self.max_trace_steps:  # trim now and then, not every step
                         del replica.trace[:-self.max_trace_steps]
-                for listener in self.listeners:
-                    listener(records, outputs)
-                self._deliver_all(outputs)
+                self._publish(outputs)
         except BaseException as e:  # a worker died, a bug: every waiting request hears of it
             self.dead_because = e
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"the engine stopped: {e!r}"))
             raise
         finally:
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError("the engine was shut down"))
+            why = f"the engine stopped: {self.dead_because!r}" if self.dead_because else "the engine was shut down"
+            self._deliver([(request_id, EngineDeadError(why)) for request_id in list(self._streams)])
 
     def _run_commands(self) -> None:
         while True:
@@ -152,12 +139,17 @@ class AsyncLLM:
                 try:
                     self.engine.add_sequences(self.engine.make_request(request_id, prompt, params))
                 except ValueError as e:  # a bad request: only its sender hears of it
-                    self._deliver(request_id, e)
+                    self._deliver([(request_id, e)])
             else:
-                for out in self.engine.abort_request(command[1]):
-                    self._deliver(out.request_id, out)
+                self._publish(self.engine.abort_request(command[1]))
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """Outputs of a step or of an abort: to the listeners (metrics), then to their streams."""
+        for listener in self.listeners:
+            listener(outputs)
+        self._deliver([(out.request_id, out) for out in outputs])
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream.put_nowait(out)
+def _put_all(pairs: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for stream, item in pairs:
+        stream.put_nowait(item)

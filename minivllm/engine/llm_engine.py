@@ -55,9 +55,9 @@ class LLMEngine:
         self.spec_decoder = SpeculativeDecoder(spec, config, mc, self.executor, self.block_manager,
                                                self.max_model_len) if spec else None
         self.requests: dict[str, Sequence] = {}  # by the id of each sample (``i_id`` when n > 1)
-        self.parents: dict[str, ParentRequest] = {}  # requests with n > 1, by their own id
+        self.parents: dict[str, list[Sequence]] = {}  # the samples of each request with n > 1, by its id
         self.streams: dict[str, SampleStream] = {}  # each sample's text, until its request's last output
-        self._stepped: dict[Sequence, None] = {}
+        self._stepped: dict[Sequence, None] = {}  # the samples _check_stop saw a token of this step, in order
         self._aborted: list[str] = []  # since the last step
         self._structured_output: StructuredOutputManager | None = None
         self.trace: list[StepRecord] = []  # every step's record (a server keeps only the last ones)
@@ -144,7 +144,7 @@ class LLMEngine:
     def add_sequences(self, seqs: list[Sequence]) -> None:
         """Queue the samples of one request (from `make_request`)."""
         if seqs[0].parent_id is not None:
-            self.parents[seqs[0].parent_id] = ParentRequest(seqs)
+            self.parents[seqs[0].parent_id] = seqs
         for seq in seqs:
             p = seq.sampling_params
             self.streams[seq.request_id] = SampleStream(self.detokenizer_class(
@@ -161,9 +161,8 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else request_id
         aborted = []
         for rid in ids:
-            parent = self.parents.get(rid)
-            for seq in [s for s in parent.seqs if s.request_id in self.requests] if parent else [self.requests.get(rid)]:
-                if seq is not None:
+            for seq in self.parents.get(rid) or [self.requests.get(rid)]:
+                if seq is not None and seq.request_id in self.requests:
                     self.scheduler.finish(seq, "abort")
                     self._release(seq)
                     aborted.append(seq)
@@ -178,7 +177,7 @@ class LLMEngine:
         """Run one iteration. Returns the requests that finished in it (all ``n`` samples), and, for
         requests whose ``output_kind`` is DELTA or CUMULATIVE, an unfinished output each time one of
         their samples got a token."""
-        self._stepped: dict[Sequence, None] = {}  # the samples _check_stop saw a token of, in order
+        self._stepped = {}
         record, finished = run_step(self.scheduler, self._execute, time.time,
                                     self._check_stop, self.num_steps, self.recorder)
         self.num_steps += 1
@@ -267,7 +266,7 @@ class LLMEngine:
             by_request.setdefault(seq.parent_id or seq.request_id, []).append(seq)
         outputs = []
         for request_id, touched in by_request.items():
-            samples = self.parents[request_id].seqs if touched[0].parent_id is not None else touched
+            samples = self.parents[request_id] if touched[0].parent_id is not None else touched
             finished = all(s.finish_reason is not None for s in samples)
             kind = samples[0].sampling_params.output_kind
             if kind is RequestOutputKind.FINAL_ONLY and not finished:
@@ -316,13 +315,6 @@ class LLMEngine:
         """The reports with each token's text filled in (``Logprob.decoded_token``)."""
         return [None if r is None else {t: replace(lp, decoded_token=self.tokenizer.decode([t]))
                                         for t, lp in r.items()} for r in reports]
-
-
-@dataclass
-class ParentRequest:
-    """A request with ``n`` > 1: its samples."""
-
-    seqs: list[Sequence]
 
 
 @dataclass

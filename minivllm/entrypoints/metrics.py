@@ -8,7 +8,6 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from minivllm.core.trace import StepRecord
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.outputs import RequestOutput
 
@@ -65,8 +64,8 @@ class ServerMetrics:
         self._last_output_time: dict[str, float] = {}
         self._num_samples: dict[str, int] = {}  # n, as far as the outputs so far show it
 
-    def on_step(self, records: list[StepRecord], outputs: list[RequestOutput]) -> None:
-        """An `AsyncLLM` step listener: the step's records (one per replica that stepped) and outputs."""
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """An `AsyncLLM` listener: the outputs of one step or abort."""
         now = time.time()
         for out in outputs:
             new_tokens = sum(len(c.token_ids) for c in out.outputs)

@@ -9,7 +9,7 @@ share (`minivllm.sim.metrics`). *stop* sets the flag `run` honours: requests not
 sent, and those in flight are cancelled (their connections close, so the server aborts
 them and frees their KV blocks).
 
-Given no server, the lab starts its own (`minivllm.entrypoints.openai.in_process.InProcessServer`).
+Given no server, the lab starts its own (`minivllm.entrypoints.openai.local.InProcessServer`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import httpx2 as httpx
 import ipywidgets as widgets
 
 from minivllm.bench.serve import BenchConfig, RequestResult, run, summarize_results
-from minivllm.entrypoints.openai.in_process import InProcessServer
+from minivllm.entrypoints.openai.local import InProcessServer
 from minivllm.lab.base import Lab, LabError, error_html
 from minivllm.sim.metrics import Metrics, report
 
@@ -34,7 +34,7 @@ MAX_PROMPTS = 200  # a lab run on a CPU should end within minutes
 MAX_RATE = 1000.0  # requests per second
 PERCENTILES = (99.0,)  # and the median: p50
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
-STARTUP_GUARD_S = 60.0  # a server that never comes up must not hang the caller
+STOP_GUARD_S = 60.0  # closing waits this long for a stopped run to wind down
 DRAIN_WAIT_S = 2.0  # after a stop, how long the last scrape waits for the server to abort what was cancelled
 
 
@@ -292,7 +292,7 @@ class ServingLab(Lab):
         """Stop a run in progress and, if the lab started its own server, that server."""
         if self.state.running:
             self.state.stop()
-            self.state.wait(STARTUP_GUARD_S)
+            self.state.wait(STOP_GUARD_S)
         if self.server is not None:
             self.server.close()
 

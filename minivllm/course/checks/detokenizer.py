@@ -22,7 +22,7 @@ def check_detokenizer(detokenizer_class: type, verbose: bool = True) -> CheckRes
     from transformers import AutoTokenizer
 
     from minivllm.engine.detokenizer import IncrementalDetokenizer
-    from minivllm.entrypoints.openai import in_process  # noqa: F401  (before quiet_engine_logs: importing
+    from minivllm.entrypoints.openai import local  # noqa: F401  (before quiet_engine_logs: importing
     # minivllm.llm, which the server does, sets the engine's log level)
 
     with check_model_folder() as folder:
@@ -82,7 +82,7 @@ def _stream_through_server(folder: str, detokenizer_class: type) -> list[tuple[s
     learner's detokenizer (structured output makes the model write exactly that text)."""
     import httpx2 as httpx
 
-    from minivllm.entrypoints.openai.in_process import InProcessServer
+    from minivllm.entrypoints.openai.local import InProcessServer
 
     try:
         server = InProcessServer.launch(folder, "course", max_model_len=256, num_kv_blocks=64,

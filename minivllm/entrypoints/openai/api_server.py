@@ -53,7 +53,7 @@ def param_of(message: str) -> str | None:
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="minivllm")
     metrics = ServerMetrics(model_name, llm.replicas)
-    llm.listeners.append(metrics.on_step)
+    llm.listeners.append(metrics.on_outputs)
     app.state.llm, app.state.metrics = llm, metrics
     tokenizer = llm.tokenizer
     max_model_len = llm.replicas[0].max_model_len
@@ -139,26 +139,22 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fas
 
     async def respond(raw: Request, req: SamplingFields, request_id: str, kind: str, prompt, params, *, chat: bool):
         outputs = llm.generate(request_id, prompt, params)
-        first = await _first(outputs)  # a refused request raises ValueError here: a 400, nothing streamed
+        first = await anext(outputs)  # a refused request raises ValueError here: a 400, nothing streamed
         reply = Reply(request_id, kind, model_name, chat, params.logprobs or 0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(reply.stream(llm, first, outputs, include_usage), media_type="text/event-stream")
+            return StreamingResponse(reply.stream(first, outputs, include_usage), media_type="text/event-stream")
         whole = asyncio.ensure_future(reply.collect(first, outputs))
         gone = asyncio.ensure_future(_disconnected(raw))
         await asyncio.wait({whole, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not whole.done():  # the client left: cancelling ends the generator, which aborts the request
+        if not whole.done():  # the client left: cancelling closes the outputs, which aborts the request
             whole.cancel()
-            llm.abort(request_id)
+            await asyncio.gather(whole, return_exceptions=True)
             return Response(status_code=499)
         gone.cancel()
         return whole.result()
 
     return app
-
-
-async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    return await outputs.__anext__()
 
 
 async def _disconnected(raw: Request) -> None:
@@ -181,72 +177,59 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    def _count(self, out: RequestOutput) -> None:
-        self.prompt_tokens = len(out.prompt_token_ids)
-        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
-
-    # ---- streamed -----------------------------------------------------------------------------
-    async def stream(self, llm: AsyncLLM, first: RequestOutput, outputs: AsyncIterator[RequestOutput],
-                     include_usage: bool) -> AsyncIterator[str]:
-        finished = False
+    async def _each(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """``first`` and the outputs after it up to the finished one, counted for ``usage``. However
+        the caller leaves (a disconnect cancels it), ``outputs`` is closed at once, and closing an
+        unfinished request's outputs aborts it."""
         try:
             out = first
             while True:
-                self._count(out)
-                for c in out.outputs:
-                    yield _sse(self._chunk(c))
-                finished = out.finished
-                if finished:
-                    break
-                out = await outputs.__anext__()
-            if include_usage:
-                yield _sse({**self._header(), "object": self._chunk_kind, "choices": [], "usage": self.usage()})
-            yield "data: [DONE]\n\n"
-        finally:  # a disconnect cancels this generator: abort now, not when it is collected
-            if not finished:
-                llm.abort(self.request_id)
+                self.prompt_tokens = len(out.prompt_token_ids)
+                self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+                yield out
+                if out.finished:
+                    return
+                out = await anext(outputs)
+        finally:
             await outputs.aclose()
 
-    @property
-    def _chunk_kind(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
-
-    def _header(self) -> dict:
-        return {"id": self.request_id, "created": self.created, "model": self.model_name}
-
-    def _chunk(self, c: CompletionOutput) -> dict:
-        if self.chat:
-            delta = {"content": c.text}
-            if c.index not in self.role_sent:
-                self.role_sent.add(c.index)
-                delta = {"role": "assistant", **delta}
-            choice = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, self.top_k),
-                      "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": c.index, "text": c.text, "logprobs": completion_logprobs(c),
-                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-        return {**self._header(), "object": self._chunk_kind, "choices": [choice]}
+    # ---- streamed -----------------------------------------------------------------------------
+    async def stream(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput],
+                     include_usage: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        async for out in self._each(first, outputs):
+            for c in out.outputs:
+                yield _sse({**self._header(), "object": kind, "choices": [self._choice(c, streamed=True)]})
+        if include_usage:
+            yield _sse({**self._header(), "object": kind, "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
 
     # ---- whole --------------------------------------------------------------------------------
     async def collect(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> dict:
         parts: dict[int, list[CompletionOutput]] = {}
-        out = first
-        while True:
-            self._count(out)
+        async for out in self._each(first, outputs):
             for c in out.outputs:
                 parts.setdefault(c.index, []).append(c)
-            if out.finished:
-                break
-            out = await outputs.__anext__()
-        choices = [self._choice(merge(parts[i])) for i in sorted(parts)]
+        choices = [self._choice(merge(parts[i]), streamed=False) for i in sorted(parts)]
         return {**self._header(), "object": self.kind, "choices": choices, "usage": self.usage()}
 
-    def _choice(self, c: CompletionOutput) -> dict:
-        if self.chat:
-            return {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c, self.top_k), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-        return {"index": c.index, "text": c.text, "logprobs": completion_logprobs(c),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    def _header(self) -> dict:
+        return {"id": self.request_id, "created": self.created, "model": self.model_name}
+
+    def _choice(self, c: CompletionOutput, streamed: bool) -> dict:
+        """One sample's choice: its text (a chat message, or a chat delta when streamed, the first
+        of a sample naming the role), logprobs and finish."""
+        if not self.chat:
+            body = {"text": c.text, "logprobs": completion_logprobs(c)}
+        elif streamed:
+            delta = {"content": c.text}
+            if c.index not in self.role_sent:
+                self.role_sent.add(c.index)
+                delta = {"role": "assistant", **delta}
+            body = {"delta": delta, "logprobs": chat_logprobs(c, self.top_k)}
+        else:
+            body = {"message": {"role": "assistant", "content": c.text}, "logprobs": chat_logprobs(c, self.top_k)}
+        return {"index": c.index, **body, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
 def merge(deltas: list[CompletionOutput]) -> CompletionOutput:
