@@ -102,7 +102,8 @@ class BlockManagerBase(abc.ABC):
         """Physical blocks that already hold a prefix of ``seq``'s tokens (full blocks only).
 
         The last token of the sequence is never served from the cache: the model must run on it to
-        produce the next token's logits, so at most ``(num_tokens - 1) // block_size`` blocks hit.
+        produce the next token's logits, so at most ``(num_tokens - 1) // block_size`` blocks hit. A
+        sequence that does not `reads_prefix_cache` (it wants its prompt's logprobs) gets none.
         """
 
     @abc.abstractmethod
@@ -255,7 +256,7 @@ class BlockManager(BlockManagerBase):
     """The engine's allocation core."""
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         hits: list[int] = []
         parent: int | None = None
