@@ -36,7 +36,8 @@ class LLM:
         (`minivllm.config`): ``dtype``, ``device``, ``seed``, ``attention_backend`` and a learner's pieces
         (``sampler``, ``block_manager_class``, ``rejection_sampler``, ``row_parallel_linear_class``,
         ``detokenizer_class``);
-        ``block_size``, ``enable_prefix_caching``, ``gpu_memory_utilization``, ``kv_cache_memory``,
+        ``block_size``, ``enable_prefix_caching``, ``prefix_caching`` (``"hash"`` or ``"radix"``),
+        ``gpu_memory_utilization``, ``kv_cache_memory``,
         ``num_kv_blocks`` (cache); ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``,
         ``enable_chunked_prefill``, ``batching_policy`` (scheduler); the parallel sizes,
         ``enable_expert_parallel``, ``distributed_backend`` (parallel); ``speculative_config``."""

@@ -3,12 +3,15 @@ check passes on the solution and fails on the untouched skeleton; the sampling c
 samplers that get the distribution wrong, and the block-manager check block managers that break a
 rule, each with the first broken rule in words; the row-parallel check (exercise 08) names a missing
 all-reduce, a bias added on every rank and a wrong input slice; the rejection-sampler check (exercise
-07) verifiers that break the acceptance rule, the residual, the bonus token or the contract."""
+07) verifiers that break the acceptance rule, the residual, the bonus token or the contract; the
+SLO-search check (exercise 09) searches that miss the edge cases, return a rate that misses the SLO,
+stop early, never stop, or probe too often."""
 from __future__ import annotations
 
 import ast
 import linecache
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from minivllm.course.checks import block_manager as bm_checks
 from minivllm.course.checks import rejection_sampler as verify_checks
 from minivllm.course.checks import sampling as sampling_checks
 from minivllm.course.checks import scheduling_policy as policy_checks
+from minivllm.course.checks import slo_search as slo_checks
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -803,3 +807,91 @@ def test_the_engine_refuses_a_detokenizer_class_that_is_not_one(tmp_path):
 
     with pytest.raises(ValueError, match="detokenizer_class=<class 'dict'> must be a subclass"):
         LLM(save_tiny_checkpoint(str(tmp_path)), detokenizer_class=dict)
+
+
+# ---- the SLO-search check tells right from wrong (exercise 09) --------------------------------------
+def make_rate_search(linear=False, return_bad=False, skip_high=False, skip_low=False, coarse=False,
+                     floor_division=False, zero_for_none=False, return_midpoint=False):
+    """Bisection on the rate, with switches that each make one classic mistake."""
+    def search(meets_slo, low, high, tol):
+        if linear:  # vLLM's auto_tune.sh walks the rate one step at a time
+            rate, best = low, None
+            while rate <= high and meets_slo(rate):
+                best, rate = rate, rate + tol
+            return best
+        if not skip_low and not meets_slo(low):
+            return 0 if zero_for_none else None
+        if not skip_high and meets_slo(high):
+            return high
+        good, bad = low, high
+        while bad - good > (2 * tol if coarse else tol):
+            mid = (good + bad) // 2 if floor_division else (good + bad) / 2
+            if meets_slo(mid):
+                good = mid
+            else:
+                bad = mid
+        if return_midpoint:
+            return (good + bad) / 2
+        return bad if return_bad else good
+
+    return search
+
+
+SLO_CASE = "meets_slo(rate) = rate <= {}, bracket (1, 100), tol 0.5: "
+
+
+@pytest.mark.parametrize("flaw,words", [
+    ("linear", SLO_CASE.format(37.3) + "the answer is right, but your search used 74 calls of meets_slo: the check "
+               "allows 11"),
+    ("return_bad", SLO_CASE.format(37.3) + "you returned 37.3516, a rate that misses the SLO"),
+    ("skip_high", SLO_CASE.format(100) + "you returned 99.6133, but even the highest rate, 100, meets the SLO: "
+                  "return high"),
+    ("skip_low", SLO_CASE.format(0.5) + "you returned 1, but even the lowest rate, 1, misses the SLO: return None"),
+    ("coarse", SLO_CASE.format(37.3) + "you returned 36.5781, more than tol = 0.5 below the threshold, 37.3"),
+    ("floor_division", SLO_CASE.format(37.3) + "your search called meets_slo 1000 times without returning"),
+    ("zero_for_none", SLO_CASE.format(0.5) + "you returned 0, but even the lowest rate, 1, misses the SLO: return "
+                      "None (your search used 1 call of meets_slo)"),
+    ("return_midpoint", "meets_slo(rate) = rate <= 2.345, bracket (0.25, 3), tol 0.01: you returned 2.34741, a rate "
+                        "that misses the SLO"),
+])
+def test_09_slo_search_check_rejects_a_flawed_search(flaw, words, capsys):
+    result = checks.check_slo_search(make_rate_search(**{flaw: True}))
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  the SLO-aware rate search: ")
+
+
+@pytest.mark.parametrize("returned,words", [
+    (lambda meets_slo, low, high, tol: "7", "max_sustainable_rate returned '7': return a rate (a number) or None"),
+    (lambda meets_slo, low, high, tol: meets_slo(0) and None, "your search called meets_slo(0), outside the bracket"),
+    (lambda meets_slo, low, high, tol: {}[0], "max_sustainable_rate raised KeyError(0)"),
+])
+def test_09_slo_search_check_reports_bad_searches(returned, words):
+    result = checks.check_slo_search(returned, verbose=False)
+    assert not result and words in result.failure, result.failure
+    assert not checks.check_slo_search(42, verbose=False).passed
+
+
+def test_09_slo_search_reference_is_the_last_rate_before_the_first_miss():
+    """A simulated p99 may dip back under its target above the limit: the sweep ignores that."""
+    met = {1: True, 2: True, 3: False, 4: True, 5: True}
+    assert slo_checks.reference_rate(list(met), met.__getitem__) == 2
+    assert slo_checks.reference_rate([1, 2], lambda rate: False) is None
+    assert slo_checks.reference_rate([1, 2], lambda rate: True) == 2
+    assert [slo_checks.max_calls(*b) for b in ((4, 132, 4), (0.5, 8.5, 0.5), (1, 2, 4))] == [8, 7, 3]
+    for case in slo_checks.SIM_CASES + slo_checks.EDGE_CASES:
+        grid = case.grid()
+        assert grid[0] == case.low and grid[-1] == case.high and len(grid) <= 33
+
+
+def test_09_slo_search_simulator_failures_show_the_p99s():
+    """On the simulator (where no rate of the bracket meets the SLO), a search that never probes low
+    is told so, with the p99 latencies at its rate."""
+    case = slo_checks.EDGE_CASES[1]
+    with pytest.raises(checks.CheckFailed) as e:
+        slo_checks._check_sim_case(make_rate_search(skip_low=True), case)
+    words = (r"^rag \(200 requests, Llama-3.1-8B on one H100-SXM, max_num_batched_tokens=8192, max_num_seqs=64\), "
+             r"p99 TTFT <= 500 ms and TPOT <= 25 ms, bracket \(5, 8.5\) req/s, tol 0.5: you returned 5, but even the "
+             r"lowest rate, 5, misses the SLO: return None \(your search used \d+ calls of meets_slo\); at 5 req/s "
+             r"p99 TTFT [\d,]+ ms, TPOT [\d.]+ ms \(misses\)$")
+    assert re.match(words, str(e.value)), str(e.value)

@@ -19,17 +19,22 @@ can be shared through the prefix cache too. The harness copies what ``LLMEngine.
 * at the end every request that was not aborted holds exactly ``max_tokens`` outputs, equal to
   both what the fake model produced for it and a reference run of the fake model, and every block
   is free again.
+
+The tests run over both prefix caches (``prefix_caching``): the hash cache shares whole blocks; the
+radix cache (`minivllm.core.radix_block_manager`) also serves a partly matched block by a K/V copy,
+which the shadow cache replays before the step's writes, as the model runner does.
 """
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from minivllm.config.cache import CacheConfig
 from minivllm.core.block_manager import BlockManager
 from minivllm.core.scheduler import Scheduler
 from minivllm.core.sequence import Sequence, SequenceStatus
@@ -44,6 +49,13 @@ BLOCK_SIZES = (1, 2, 4, 16)
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def fake_next_token(tokens: list[int]) -> int:
@@ -69,6 +81,7 @@ class Config:
     enable_chunked_prefill: bool
     enable_prefix_caching: bool
     batching_policy: str
+    prefix_caching: str = "hash"  # or "radix"
 
 
 class Harness:
@@ -77,7 +90,9 @@ class Harness:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.bs = cfg.block_size
-        self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.bm = CacheConfig(block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
+                              prefix_caching=cfg.prefix_caching).make_block_manager(cfg.num_blocks)
+        self.radix = cfg.prefix_caching == "radix"
         self.sched = Scheduler(self.bm, max_num_seqs=cfg.max_num_seqs,
                                max_num_batched_tokens=cfg.max_num_batched_tokens,
                                enable_chunked_prefill=cfg.enable_chunked_prefill,
@@ -214,9 +229,20 @@ class Harness:
                 f"static batching admitted {admitted_ids} while {producing} had produced tokens")
 
         # -- prefix-cache hits handed out at admission
+        copies = list(out.kv_copies)
         for c in admitted:
             s, k = c.seq, c.start
-            assert k % bs == 0 and k <= (s.num_tokens - 1) // bs * bs, f"{s.request_id}: {k} cached tokens"
+            if self.radix:  # any number of tokens; a partly matched block is a fresh copy
+                assert k <= s.num_tokens - 1, f"{s.request_id}: {k} cached tokens"
+                if k % bs:
+                    dst = s.block_table[k // bs]
+                    assert not any(dst in t for t in tables_before.values()), (  # fresh (a later admission
+                        f"{s.request_id}'s copy went to block {dst}, which another request held")  # may share it, full)
+                    match = [cp for cp in copies if cp.dst_block == dst]
+                    assert len(match) == 1 and match[0].num_tokens == k % bs, f"{s.request_id}: copies {copies}"
+                    copies.remove(match[0])
+            else:
+                assert k % bs == 0 and k <= (s.num_tokens - 1) // bs * bs, f"{s.request_id}: {k} cached tokens"
             if not cfg.enable_prefix_caching:
                 assert k == 0
             for i in range(k // bs):
@@ -230,7 +256,11 @@ class Harness:
                 self.cached_credit[s.request_id] = k
             else:
                 assert s.num_cached_tokens == self.cached_credit[s.request_id]
-            if cfg.enable_prefix_caching:  # a prefix some other running request holds must hit
+            if cfg.enable_prefix_caching and self.radix:  # ... to the token, if computed before this step
+                must_hit = max([min(common_prefix_len(y.token_ids[:computed_before[y.request_id]], s.token_ids),
+                                    s.num_tokens - 1) for y in survivors if y is not s], default=0)
+                assert k >= must_hit, f"{s.request_id} hit {k} tokens, but a running request holds {must_hit}"
+            elif cfg.enable_prefix_caching:  # a prefix some other running request holds must hit
                 must_hit = 0
                 for i in range((s.num_tokens - 1) // bs):
                     if not any(
@@ -243,7 +273,13 @@ class Harness:
                 assert k >= must_hit * bs, (
                     f"{s.request_id} hit {k} tokens, but a running request holds {must_hit * bs} of its prefix")
 
-        # -- the fake model runs: write the shadow KV, sample
+        assert not copies, f"copies {copies} for no admitted request"
+
+        # -- the fake model runs: copy-on-write first (gather, then scatter), then write the shadow KV, sample
+        moved = [(cp.dst_block * bs + j, self.shadow.get(cp.src_block * bs + j))
+                 for cp in out.kv_copies for j in range(cp.num_tokens)]
+        for slot, value in moved:
+            self.shadow[slot] = value
         written: set[int] = set()
         for c in chunks:
             for p in range(c.start, c.start + c.num_new_tokens):
@@ -316,12 +352,13 @@ class Harness:
                 prefixes = {tuple(s.token_ids[:(i + 1) * bs]) for s, _ in holders}
                 assert len(prefixes) == 1, f"block {b} shared by requests with different prefixes"
             for s, i in holders:
-                if blk.block_hash is not None:
-                    assert (i + 1) * bs <= s.num_computed_tokens, f"block {b} hashed before it was full"
-                    assert blk.token_ids == tuple(s.token_ids[i * bs:(i + 1) * bs])
+                if blk.block_hash is not None:  # the radix cache also caches a block it is filling
+                    n = len(blk.token_ids) if self.radix else bs
+                    assert i * bs + n <= s.num_computed_tokens, f"block {b} cached before {n} tokens were computed"
+                    assert blk.token_ids == tuple(s.token_ids[i * bs:i * bs + n])
         if cfg.enable_prefix_caching:
-            for s in live:  # every block whose tokens are all computed is in the cache
-                for i in range(s.num_computed_tokens // bs):
+            for s in live:  # every block whose tokens are all computed is in the cache (radix: any computed token)
+                for i in range(ceil_div(s.num_computed_tokens, bs) if self.radix else s.num_computed_tokens // bs):
                     assert bm.blocks[s.block_table[i]].block_hash is not None
         else:
             assert not bm.cached and all(blk.block_hash is None for blk in bm.blocks)
@@ -402,9 +439,11 @@ def make_request(bases: list[list[int]], op, capacity: int) -> tuple[list[int], 
 
 
 # ---- the tests ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix_caching", ["hash", "radix"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), seed=st.integers(0, 2**16), ops=operations)
-def test_random_workloads_keep_every_invariant(cfg: Config, seed: int, ops) -> None:
+def test_random_workloads_keep_every_invariant(prefix_caching: str, cfg: Config, seed: int, ops) -> None:
+    cfg = replace(cfg, prefix_caching=prefix_caching)
     note(repr(cfg))
     rng = random.Random(seed)
     bases = [[rng.randrange(ALPHABET) for _ in range(MAX_PROMPT)] for _ in range(3)]
@@ -423,15 +462,17 @@ def test_random_workloads_keep_every_invariant(cfg: Config, seed: int, ops) -> N
     h.drain()
 
 
+@pytest.mark.parametrize("prefix_caching", ["hash", "radix"])
 @settings(max_examples=100, deadline=None)
 @given(bs=st.sampled_from(BLOCK_SIZES), chunked=st.booleans(), caching=st.booleans(),
        policy=st.sampled_from(("continuous", "static")), seed=st.integers(0, 2**16),
        len_a=st.integers(1, MAX_PROMPT), len_b=st.integers(1, MAX_PROMPT), shared=st.integers(0, MAX_LEN),
        new_a=st.integers(1, MAX_NEW), new_b=st.integers(1, MAX_NEW))
-def test_prefix_hit_after_a_finished_request_is_exact(bs, chunked, caching, policy, seed,
+def test_prefix_hit_after_a_finished_request_is_exact(prefix_caching, bs, chunked, caching, policy, seed,
                                                       len_a, len_b, shared, new_a, new_b) -> None:
     """With room to spare (nothing evicted), a request that shares a prefix with a finished one
-    is credited with exactly the full blocks of that prefix whose K/V was computed."""
+    is credited with exactly the full blocks of that prefix whose K/V was computed (the radix
+    cache: exactly the tokens)."""
     rng = random.Random(seed)
     prompt_a = [rng.randrange(ALPHABET) for _ in range(len_a)]
     full_a = prompt_a + reference_output(tuple(prompt_a), new_a)
@@ -439,7 +480,7 @@ def test_prefix_hit_after_a_finished_request_is_exact(bs, chunked, caching, poli
     prompt_b = (full_a[:shared] + [rng.randrange(ALPHABET) for _ in range(len_b)])[:len_b]
     num_blocks = ceil_div(len_a + new_a, bs) + ceil_div(len_b + new_b, bs) + 1
     budget = 4 if chunked else MAX_LEN
-    h = Harness(Config(bs, num_blocks, 4, budget, chunked, caching, policy))
+    h = Harness(Config(bs, num_blocks, 4, budget, chunked, caching, policy, prefix_caching))
     assert h.add(prompt_a, new_a)
     h.drain()
     a = h.seqs["r0"]
@@ -450,9 +491,9 @@ def test_prefix_hit_after_a_finished_request_is_exact(bs, chunked, caching, poli
     common = 0
     while common < min(len(full_a), len(prompt_b)) and full_a[common] == prompt_b[common]:
         common += 1
-    # A's last token was sampled but never run, so its K/V was never computed
-    expected_blocks = min(common // bs, (len(full_a) - 1) // bs, (len(prompt_b) - 1) // bs) if caching else 0
-    assert b.num_cached_tokens == expected_blocks * bs
+    # A's last token was sampled but never run, so its K/V was never computed; B's last token must run
+    hit = min(common, len(full_a) - 1, len(prompt_b) - 1) if caching else 0
+    assert b.num_cached_tokens == (hit if prefix_caching == "radix" else hit // bs * bs)
     h.drain()
     assert h.seqs["r1"].output_token_ids == reference_output(tuple(prompt_b), new_b)
 

@@ -38,7 +38,7 @@ def test_controls_rerun_the_simulation(lab):
 def test_impossible_settings_show_an_error_and_keep_the_last_state(lab):
     before = lab.state.run
     lab.model.value = "Llama-3.1-70B"  # 141 GB of weights on an 80 GB GPU
-    assert "do not fit" in lab.error_message and lab.state.run is before
+    assert "does not fit" in lab.error_message and lab.state.run is before
     assert lab.model.value == "Llama-3.1-8B" and "model is back at 'Llama-3.1-8B'" in lab.error_message
     lab.max_num_seqs.value = 8  # another control still works, and clears the message
     assert lab.error_message == "" and lab.state.run.settings.max_num_seqs == 8

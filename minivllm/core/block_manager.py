@@ -15,13 +15,15 @@ Two classes, so that exercise 02 can plug a learner's allocation core into the r
 (``LLM(..., block_manager_class=...)``): `BlockManagerBase` holds the blocks, the free queue and its
 eviction, the queries the scheduler asks, the events the trace reads and the invariant check;
 `BlockManager`, the engine's own, adds the allocation core (prefix-cache lookup, allocate, append
-slots, free).
+slots, free). `minivllm.core.radix_block_manager` holds the other cache, SGLang's radix tree,
+matched token by token; ``CacheConfig.prefix_caching`` chooses.
 """
 from __future__ import annotations
 
 import abc
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from minivllm.core.sequence import Sequence
 
@@ -42,6 +44,16 @@ class BlockEvents:
     freed: list[int] = field(default_factory=list)
     cache_hits: list[int] = field(default_factory=list)
     evicted: list[int] = field(default_factory=list)
+
+
+class KVCopy(NamedTuple):  # a named tuple: cheap to send to worker processes every step
+    """Copy-on-write of a partly matched block (the radix cache): the K/V in the first
+    ``num_tokens`` slots of ``src_block`` goes to the same slots of ``dst_block``, every layer,
+    before the step's forward pass writes anything."""
+
+    src_block: int
+    dst_block: int
+    num_tokens: int
 
 
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
@@ -84,6 +96,17 @@ class BlockManagerBase(abc.ABC):
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def cached_prefix_tokens(self, seq: Sequence, cached_blocks: list[int]) -> int:
+        """How many leading tokens of ``seq`` the blocks `find_cached_prefix` found serve: whole
+        blocks here (the radix cache may serve part of its last one, by copying it)."""
+        return len(cached_blocks) * self.block_size
+
+    def take_kv_copies(self) -> list[KVCopy]:
+        """The K/V copies the step just scheduled needs before its forward pass; the Scheduler asks
+        once per step, at the end of `Scheduler.schedule`. The hash cache shares whole blocks only:
+        none."""
+        return []
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int]) -> bool:
         """Whether ``seq`` (with no blocks yet) can get blocks for its first ``num_new_tokens``
         uncached tokens. Reviving a cached block from the free queue also uses up a free block."""
@@ -99,7 +122,8 @@ class BlockManagerBase(abc.ABC):
     # ---- the allocation core ---------------------------------------------------------------
     @abc.abstractmethod
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Physical blocks that already hold a prefix of ``seq``'s tokens (full blocks only).
+        """Physical blocks that already hold a prefix of ``seq``'s tokens (full blocks here; the
+        radix cache's last one may match in part: `cached_prefix_tokens` says how many tokens hit).
 
         The last token of the sequence is never served from the cache: the model must run on it to
         produce the next token's logits, so at most ``(num_tokens - 1) // block_size`` blocks hit. A

@@ -74,7 +74,7 @@ class ContinuousBatching(SchedulingPolicy):
         while scheduler.waiting and budget > 0 and len(scheduler.running) < scheduler.max_num_seqs:
             seq = scheduler.waiting[0]
             cached = bm.find_cached_prefix(seq)
-            remaining = seq.num_tokens - len(cached) * bm.block_size
+            remaining = seq.num_tokens - bm.cached_prefix_tokens(seq, cached)
             num_new = min(remaining, budget) if chunked else remaining
             if num_new > budget or not bm.can_allocate(seq, num_new, cached):
                 break

@@ -31,7 +31,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from minivllm.core.block_manager import BlockManager
+from minivllm.core.block_manager import BlockManager, KVCopy
 from minivllm.core.policy import SchedulingPolicy, make_policy
 from minivllm.core.sequence import Sequence, SequenceStatus
 
@@ -65,6 +65,8 @@ class SchedulerOutput:
     # structured output: each constrained request's token mask rows, set by the engine after scheduling
     # (xgrammar's bitmask; the core only passes it on)
     token_masks: dict[str, object] = field(default_factory=dict)
+    # copy-on-write of partly matched blocks (the radix prefix cache): made before the forward pass
+    kv_copies: list[KVCopy] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -116,6 +118,7 @@ class Scheduler:
         """The next step, as the policy decides it."""
         out = SchedulerOutput()
         self.policy.schedule(self, out)
+        out.kv_copies = self.block_manager.take_kv_copies()
         return out
 
     # ---- the moves a policy makes ------------------------------------------------------------
@@ -153,7 +156,7 @@ class Scheduler:
         step; the policy has checked `BlockManager.can_allocate`."""
         if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"seq={seq.request_id!r} is {seq.status.value}, not waiting")
-        uncached = seq.num_tokens - len(cached_blocks) * self.block_manager.block_size
+        uncached = seq.num_tokens - self.block_manager.cached_prefix_tokens(seq, cached_blocks)
         if not 1 <= num_new_tokens <= uncached:
             raise ValueError(f"num_new_tokens={num_new_tokens!r} must be in [1, {uncached}] for request "
                              f"{seq.request_id!r}")

@@ -81,6 +81,12 @@ class Sequence:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
+    def num_outstanding_tokens(self) -> int:
+        """Tokens the request still needs computed: its KV backlog plus the outputs it may still make
+        (how the data-parallel routers of the engine and the simulator weigh a replica's load)."""
+        return self.num_tokens - self.num_computed_tokens + self.sampling_params.max_tokens - self.num_output_tokens
+
+    @property
     def reads_prefix_cache(self) -> bool:
         """A request that wants its prompt's logprobs computes every prompt position itself (vLLM's
         rule: a cached block has K/V but no logits)."""

@@ -16,11 +16,6 @@ from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 
-def outstanding_tokens(seq: Sequence) -> int:
-    """Tokens the request still needs computed: its KV backlog plus the outputs it may still make."""
-    return seq.num_tokens - seq.num_computed_tokens + seq.sampling_params.max_tokens - seq.num_output_tokens
-
-
 class DataParallelEngine:
     """The `LLMEngine` interface `LLM` uses, over several replicas."""
 
@@ -47,7 +42,7 @@ class DataParallelEngine:
 
     def add_sequences(self, seqs: list[Sequence]) -> None:
         """A request's samples all go to one replica, where they share the prompt's blocks."""
-        target = min(self.replicas, key=lambda r: sum(outstanding_tokens(s) for s in r.requests.values()))
+        target = min(self.replicas, key=lambda r: sum(s.num_outstanding_tokens for s in r.requests.values()))
         self.owner[seqs[0].parent_id or seqs[0].request_id] = target
         target.add_sequences(seqs)
 

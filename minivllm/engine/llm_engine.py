@@ -9,6 +9,7 @@ from typing import Union
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import BlockManager
 from minivllm.core.records import PositionLogprobs, SpecDecodeMetrics, StepLogprobs
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence, check_request_fits
@@ -47,8 +48,11 @@ class LLMEngine:
         # the model here, or one worker process per rank (tensor/pipeline parallel)
         self.executor: Executor = make_executor(config, mc, folder, self.max_model_len, dp_rank)
         cache, spec = config.cache_config, config.speculative_config
-        self.block_manager = config.block_manager_class(self.executor.num_blocks, cache.block_size,
-                                                        cache.enable_prefix_caching)
+        if config.block_manager_class is BlockManager:  # the stock one: prefix_caching picks hash or radix
+            self.block_manager = cache.make_block_manager(self.executor.num_blocks)
+        else:  # a learner's own (exercise 02) wins
+            self.block_manager = config.block_manager_class(self.executor.num_blocks, cache.block_size,
+                                                            cache.enable_prefix_caching)
         self.scheduler = config.scheduler_config.make_scheduler(
             self.block_manager, self.max_model_len, spec.num_speculative_tokens if spec else 0)
         # speculative decoding: guess tokens ahead and verify them in the target's one forward pass
@@ -197,6 +201,8 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> dict[Sequence, int | list[int]]:
         grammars = self._structured_output
         masks = grammars.attach_masks if grammars is not None and grammars.matchers else None
+        if out.kv_copies:  # the radix cache's copy-on-write, before anything of this step is written
+            self.executor.copy_kv(out.kv_copies)
         if self.spec_decoder is not None:
             return self.spec_decoder.execute(out, masks)
         if masks is not None:

@@ -2,7 +2,7 @@
 
 `minivllm.worker.model_runner.ModelRunner` runs the whole model in this process; `MultiprocExecutor`
 runs one worker process per rank (tensor x pipeline parallel). The engine talks to either through
-the same six members, so it never asks which one it has.
+the same seven members, so it never asks which one it has.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Protocol
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import KVCopy
 from minivllm.core.records import RankComm, StepLogprobs
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
@@ -26,6 +27,9 @@ class Executor(Protocol):
 
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         """Run the scheduled chunks; the token sampled for each chunk that samples."""
+
+    def copy_kv(self, copies: list[KVCopy]) -> None:
+        """Copy K/V between blocks (`KVCopy`), every layer, before the next step's forward pass."""
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its seeded generator)."""

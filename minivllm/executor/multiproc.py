@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 
 from minivllm.config.engine import EngineConfig
 from minivllm.config.model import ModelConfig
+from minivllm.core.block_manager import KVCopy
 from minivllm.core.records import RankComm, StepLogprobs
 from minivllm.core.scheduler import SchedulerOutput
 from minivllm.core.sequence import Sequence
@@ -67,6 +68,7 @@ class MultiprocExecutor:
         self.last_comm: tuple[RankComm, ...] = ()
         self.last_logprobs: dict[str, StepLogprobs] = {}
         self._released: list[str] = []
+        self._copies: list[KVCopy] = []
         self._closed_because: str | None = None
         worker_cfg = cfg.for_workers()
         check_sendable(worker_cfg)
@@ -92,7 +94,9 @@ class MultiprocExecutor:
     def execute(self, out: SchedulerOutput) -> dict[Sequence, int]:
         parts = split_micro_batches(out.chunks, self.pp_size)
         released, self._released = self._released, []
-        self._send_all(("step", [flatten_chunks(p, self.block_size, out.token_masks) for p in parts], released))
+        copies, self._copies = self._copies, []
+        self._send_all(("step", [flatten_chunks(p, self.block_size, out.token_masks) for p in parts], released,
+                        copies))
         replies = self._gather()
         self.last_comm = tuple(RankComm(lay.rank, lay.tp_rank, lay.pp_rank, reply[2])
                                for lay, reply in zip(self.layouts, replies))
@@ -102,6 +106,9 @@ class MultiprocExecutor:
 
     def release(self, request_id: str) -> None:
         self._released.append(request_id)  # travels with the next step
+
+    def copy_kv(self, copies: list[KVCopy]) -> None:
+        self._copies += copies  # travel with the next step; every rank copies its own layers and heads
 
     def close(self) -> None:
         self._finalizer()

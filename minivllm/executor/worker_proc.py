@@ -1,7 +1,7 @@
 """The loop every rank's process runs: join the process group, load this rank's shard, then run
 whatever batch the driver sends until it says close (or goes away).
 
-Messages from the driver: ``("step", [StepBatch per micro-batch], released request ids)`` and
+Messages from the driver: ``("step", [StepBatch per micro-batch], released request ids, KV copies)`` and
 ``("close",)``. Without pipeline parallel a step is one micro-batch.
 Replies: ``("ready", num_blocks)`` once, then ``("step", SamplerOutput, collective counts)`` per step
 (tokens and logprobs only from the sampling rank, an empty output from the others),
@@ -48,9 +48,10 @@ def run_worker(layout: RankLayout, cfg: EngineConfig, mc: ModelConfig, folder: s
             msg = conn.recv()
             if msg[0] == "close":
                 break
-            _, micro_batches, released = msg
+            _, micro_batches, released, copies = msg
             for request_id in released:
                 runner.release(request_id)
+            runner.copy_kv(copies)  # before the step's forward pass writes anything
             with count_collectives() as counts:
                 sampled = run_stage(runner, link, micro_batches)
             conn.send(("step", sampled, as_records(counts)))

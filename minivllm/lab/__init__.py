@@ -18,16 +18,18 @@ simulator's labs and the Cinema need no torch.
 | 06 | `AttentionRooflineLab`: bytes, FLOPs and the roofline of paged attention |
 | 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
+| 09 | `TuningLab`: every deployment knob in the simulator; goodput, cost, the binding constraint, the frontier |
 | 11 | `ServingLab`: a live benchmark against a real OpenAI-compatible server |
+| 12 | `LandscapeLab`: engines filtered by need from the sourced landscape table |
 """
 from minivllm._lazy import lazy_attributes
 
 _MODULES = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png": "base",
             "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
             "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
-            "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "ParallelLab": "parallel",
-            "SpecDecodeLab": "spec", "SpecRun": "spec",
+            "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "LandscapeLab": "landscape",
+            "ParallelLab": "parallel", "SpecDecodeLab": "spec", "SpecRun": "spec",
             "ServingBench": "serving", "ServingLab": "serving",
-            "ServingSettings": "serving"}
+            "ServingSettings": "serving", "TuningLab": "tuning", "TuningSettings": "tuning"}
 __getattr__, __dir__ = lazy_attributes(__name__, {name: f"minivllm.lab.{m}" for name, m in _MODULES.items()})
 __all__ = list(_MODULES)

@@ -78,7 +78,7 @@ class KVMemoryPlan:
             return (f"does not fit: {self.batch} requests need {self.kv_bytes / GB:.1f} GB of KV cache, "
                     f"only {(self.gpu.memory_bytes - self.weight_bytes) / GB:.1f} GB are left after the "
                     f"weights; at most {self.max_batch} requests of {self.context} tokens fit")
-        return (f"fits: {self.total_bytes / GB:.1f} of {self.gpu.memory_bytes / GB:.0f} GB; up to "
+        return (f"fits: {self.total_bytes / GB:.1f} of {self.gpu.memory_bytes / GB:.1f} GB; up to "
                 f"{self.max_batch} requests of {self.context} tokens would fit")
 
 
@@ -113,7 +113,7 @@ class KVMemoryLab(Lab):
                                        f"= {p.kv_bytes_per_token / 1024:.0f} KiB"),
                 ("KV cache per request", f"&times; {p.context} tokens = {p.kv_bytes_per_request / GB:.3f} GB"),
                 ("KV cache of the batch", f"&times; {p.batch} requests = {p.kv_bytes / GB:.2f} GB"),
-                ("total", f"{p.total_bytes / GB:.2f} GB of {p.gpu.memory_bytes / GB:.0f} GB ({p.gpu.name})")]
+                ("total", f"{p.total_bytes / GB:.2f} GB of {p.gpu.memory_bytes / GB:.1f} GB ({p.gpu.name})")]
         table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
         colour = "#1a7f37" if p.fits else "#a40000"
         return (f"<table>{table}</table><p style='color:{colour}'><b>{p.model.name}, {p.dtype}: "

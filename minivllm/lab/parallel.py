@@ -92,7 +92,7 @@ class ParallelLab(Lab):
         rows = [("GPUs", f"{p.layout.num_gpus} ({p.layout})"),
                 ("layers per pipeline stage", stages),
                 ("weights per GPU", f"{p.weight_bytes_per_gpu / GB:.1f} GB of {p.usable_bytes / GB:.1f} GB usable "
-                                    f"({p.gpu_memory_utilization:.0%} of {p.hardware.memory_bytes / GB:.0f} GB)"),
+                                    f"({p.gpu_memory_utilization:.0%} of {p.hardware.memory_bytes / GB:.1f} GB)"),
                 ("KV cache per token per GPU", f"{p.kv_bytes_per_token_per_gpu / 1024:.0f} KiB"),
                 ("KV capacity", f"{p.kv_tokens:,} tokens per replica; {p.max_concurrency} requests of "
                                 f"{p.context_len:,} tokens at once"),

@@ -8,15 +8,17 @@ runner. No torch: `tests/test_layers.py` imports it and runs it with torch unimp
     print(compute_metrics(result.trace, result.arrival_times).table())
 """
 from minivllm.sim.cost_model import CostModel
+from minivllm.sim.deployment import DeploymentCost, StepCost
 from minivllm.sim.hardware import HARDWARE, Hardware, get_hardware
 from minivllm.sim.metrics import (SLO, LatencyStats, Metrics, RequestRecord, RequestTimeline, Timeline,
                                   compute_metrics, report, request_timelines, step_timeline, summarize)
 from minivllm.sim.model_specs import MODELS, ModelSpec, get_model
 from minivllm.sim.planner import Communication, LayoutPlan, ParallelLayout, plan_layout
 from minivllm.sim.simulator import SimConfig, SimResult, Simulator
+from minivllm.sim.speculation import SimSpeculation
 from minivllm.sim.workload import PRESETS, Lengths, Request, Workload, preset
 
-__all__ = ["CostModel", "HARDWARE", "Hardware", "get_hardware", "SLO", "LatencyStats",
+__all__ = ["CostModel", "DeploymentCost", "StepCost", "SimSpeculation", "HARDWARE", "Hardware", "get_hardware", "SLO", "LatencyStats",
            "Metrics", "RequestRecord", "RequestTimeline", "Timeline", "compute_metrics", "report",
            "request_timelines", "step_timeline", "summarize",
            "MODELS", "ModelSpec", "get_model", "Communication", "LayoutPlan", "ParallelLayout",

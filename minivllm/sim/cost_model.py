@@ -26,24 +26,31 @@ from minivllm.sim.model_specs import ModelSpec
 
 
 class CostModel:
-    def __init__(self, model: ModelSpec, hardware: Hardware, dtype: str = "bf16"):
+    """One GPU's roofline for ``model`` with weights in ``dtype`` and the KV cache in
+    ``kv_cache_dtype`` (default: the same). `minivllm.sim.deployment.DeploymentCost` splits the same
+    figures over a parallel layout."""
+
+    def __init__(self, model: ModelSpec, hardware: Hardware, dtype: str = "bf16", kv_cache_dtype: str | None = None):
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
+        kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+        if kv_dtype not in DTYPE_BYTES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
         self.model, self.hardware, self.dtype = model, hardware, dtype
         self.dtype_bytes = DTYPE_BYTES[dtype]
         self.peak_flops = hardware.peak_flops(dtype)
         self.weight_bytes = model.num_params * self.dtype_bytes
-        self.kv_bytes_per_token = model.kv_bytes_per_token(self.dtype_bytes)
-        self._linear_flops_per_token = 2 * model.active_decoder_params  # a MoE token runs its top-k experts
-        self._lm_head_flops_per_sample = 2 * model.lm_head_params
-        self._attn_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        self.kv_bytes_per_token = model.kv_bytes_per_token(DTYPE_BYTES[kv_dtype])
+        self.linear_flops_per_token = 2 * model.active_decoder_params  # a MoE token runs its top-k experts
+        self.lm_head_flops_per_sample = 2 * model.lm_head_params
+        self.attn_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
 
     def step_bytes(self, context_tokens: int) -> float:
         return self.weight_bytes + self.kv_bytes_per_token * context_tokens
 
     def step_flops(self, num_tokens: int, num_sampled: int, attention_pairs: float) -> float:
-        return (self._linear_flops_per_token * num_tokens + self._lm_head_flops_per_sample * num_sampled
-                + self._attn_flops_per_pair * attention_pairs)
+        return (self.linear_flops_per_token * num_tokens + self.lm_head_flops_per_sample * num_sampled
+                + self.attn_flops_per_pair * attention_pairs)
 
     def step_time(self, num_chunks: int, num_tokens: int, num_sampled: int, context_tokens: int,
                   attention_pairs: float) -> float:
@@ -54,13 +61,3 @@ class CostModel:
         memory = self.step_bytes(context_tokens) / hw.memory_bandwidth
         compute = self.step_flops(num_tokens, num_sampled, attention_pairs) / self.peak_flops
         return max(memory, compute) + hw.step_overhead + hw.seq_overhead * num_chunks
-
-    def kv_capacity_tokens(self, gpu_memory_utilization: float) -> int:
-        """Tokens the KV cache holds: (memory * utilisation - weights) / KV bytes per token."""
-        free = self.hardware.memory_bytes * gpu_memory_utilization - self.weight_bytes
-        if free <= 0:
-            raise ValueError(
-                f"gpu_memory_utilization={gpu_memory_utilization}: {self.model.name}'s weights "
-                f"({self.weight_bytes / 1e9:.1f} GB in {self.dtype}) do not fit in "
-                f"{self.hardware.memory_bytes * gpu_memory_utilization / 1e9:.1f} GB of {self.hardware.name}")
-        return int(free // self.kv_bytes_per_token)

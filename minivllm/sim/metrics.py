@@ -72,7 +72,7 @@ class SLO:
 class RequestRecord:
     """One finished request as the serving metrics see it, simulated or measured: it arrived (was
     sent) at ``arrival``; its output came at ``token_times`` (one time per streamed chunk; in the
-    simulator a chunk is one token), the first at ``first_token``, the last at ``finished``."""
+    simulator a step's tokens, one or, with accepted drafts, several), the first at ``first_token``, the last at ``finished``."""
 
     request_id: str
     arrival: float
@@ -236,7 +236,8 @@ def request_timelines(trace: list[StepRecord], arrival_times: dict[str, float]) 
     """Every finished request's timeline, in the order of ``arrival_times``."""
     first_scheduled: dict[str, float] = {}
     prompt_len: dict[str, int] = {}
-    tokens: dict[str, list[float]] = {rid: [] for rid in arrival_times}
+    tokens: dict[str, list[float]] = {rid: [] for rid in arrival_times}  # one time per step that emitted
+    num_output: dict[str, int] = dict.fromkeys(arrival_times, 0)  # with accepted drafts, several per step
     finished: dict[str, float] = {}
     preemptions: dict[str, int] = dict.fromkeys(arrival_times, 0)
     for rec in trace:
@@ -247,13 +248,14 @@ def request_timelines(trace: list[StepRecord], arrival_times: dict[str, float]) 
                 if not tokens[c.request_id]:  # the first sample ends the prompt (and any recompute)
                     prompt_len[c.request_id] = c.start + c.num_tokens
                 tokens[c.request_id].append(rec.end_time)
+                num_output[c.request_id] += 1 + c.num_accepted
         for rid in rec.preempted:
             preemptions[rid] += 1
         for rid, _reason in rec.finished:
             finished[rid] = rec.end_time
     return [RequestTimeline(request_id=rid, arrival=arrival, first_token=tokens[rid][0], finished=finished[rid],
                             token_times=tuple(tokens[rid]), num_prompt_tokens=prompt_len[rid],
-                            num_output_tokens=len(tokens[rid]), first_scheduled=first_scheduled[rid],
+                            num_output_tokens=num_output[rid], first_scheduled=first_scheduled[rid],
                             num_preemptions=preemptions[rid])
             for rid, arrival in arrival_times.items() if rid in finished]
 

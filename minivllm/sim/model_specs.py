@@ -152,6 +152,7 @@ class ModelSpec:
 MODELS = {
     "Qwen3-0.6B": ModelSpec("Qwen3-0.6B", 151936, 1024, 3072, 28, 16, 8, 128, True, 40960),
     "Qwen3-8B": ModelSpec("Qwen3-8B", 151936, 4096, 12288, 36, 32, 8, 128, False, 40960),
+    "Llama-3.2-1B": ModelSpec("Llama-3.2-1B", 128256, 2048, 8192, 16, 32, 8, 64, True, 131072),
     "Llama-3.1-8B": ModelSpec("Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, 128, False, 131072),
     "Llama-3.1-70B": ModelSpec("Llama-3.1-70B", 128256, 8192, 28672, 80, 64, 8, 128, False, 131072),
     "Qwen3-30B-A3B": ModelSpec("Qwen3-30B-A3B", 151936, 2048, 6144, 48, 32, 4, 128, False, 40960,

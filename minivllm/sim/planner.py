@@ -23,10 +23,20 @@ The layout uses vLLM's sizes; the model runs on ``tp * pp * dp * cp`` GPUs:
 * ``cp`` context parallel: a sequence's tokens are spread over ``cp`` GPUs, each holding the KV of its
   own tokens (ring attention; the engine does not run it).
 
-Memory per GPU of stage ``s`` (``b`` bytes per element): weights ``b * (its share of each part)``;
-KV bytes per token ``2 * L_s * K_gpu * h * b`` for the tokens it owns. KV tokens of one replica:
-``cp * min_s floor((memory * utilisation - weights_s) / kv_s)`` (every GPU of a replica must hold its
-part of each token, as vLLM takes the smallest cache over its workers).
+Memory per GPU of stage ``s`` (``b`` bytes per element of the weights, ``b_kv`` of the KV cache, which
+may be fp8 when the weights are not): weights ``b * (its share of each part)``; KV bytes per token
+``2 * L_s * K_gpu * h * b_kv`` for the tokens it owns. Before sizing its cache an engine runs one
+forward pass of ``max_num_batched_tokens`` tokens and keeps room for its peak: the activations
+(``act_s``: per token the MLP's gate and up outputs and their product, ``3 m / tp``, the q, k, v heads
+and two hidden-size vectors, at ``b`` bytes) and, on the last stage, fp32 logits and probabilities
+for ``max_num_seqs`` rows (``2 * 4 * V`` bytes each); CUDA's own memory (``non_torch_bytes``) comes
+off too, as vLLM subtracts it. KV tokens of one replica:
+
+    cp * min_s floor((memory * utilisation - weights_s - act_s - non_torch) / kv_s)
+
+(every GPU of a replica must hold its part of each token, as vLLM takes the smallest cache over its
+workers). For Llama-3.1-8B on an H100 at 0.9 this gives 448,100 tokens; vLLM logs 447,088 (weights
+14.99 GiB, activation peak 1.24 GiB, non-torch 0.35 GiB; the estimate's activations are 1.12 GiB).
 
 Communication of one GPU of stage ``s`` in a step of ``T`` tokens (``S`` of them sampled) run as
 ``m`` micro-batches, ``t = T / cp / m`` tokens of a micro-batch on this GPU. The *payload* is the
@@ -48,10 +58,15 @@ Tensor parallel does two all-reduces per layer (after the attention's o projecti
 MLP), each of the step's hidden states; EP's dispatch and combine move each token's hidden state to
 its top-k experts and back; with ``tp > 1`` a TP group's ranks hold the same tokens, so each
 dispatches a ``1 / tp`` share. A pipeline stage sends each micro-batch's hidden states and residual
-to the next (two tensors, as vLLM and minivllm do). Time = wire bytes / one direction of the link (half the
-datasheet's ``interconnect_bandwidth``, which counts both directions; a ring sends and receives at
-once); latency per call is left out. `LayoutPlan.stage_communication` holds every stage's numbers,
-`LayoutPlan.communication` those of the stage whose GPU communicates longest.
+to the next (two tensors, as vLLM and minivllm do). Time = calls * latency + wire bytes / one
+direction of the link. Inside a node the link is the interconnect (half the datasheet's
+``interconnect_bandwidth``, which counts both directions; a ring sends and receives at once);
+GPUs are numbered stage after stage, ``node_size`` to a node, and a group that spans nodes (TP
+larger than a node, a stage boundary between two nodes, EP over more GPUs than a node) runs at the
+network's bandwidth and latency. `LayoutPlan.stage_communication` holds every stage's numbers,
+`LayoutPlan.communication` those of the stage whose GPU communicates longest, and
+`LayoutPlan.micro_batch_communication` a stage's calls for any number of tokens (the simulator's
+steps).
 
 Compute per token is the GPU's share (``1 / (tp * pp * cp)``) of the FLOPs the cost model gives a
 token at ``context_len``, at the GPU's peak rate: the least time the GPU spends on a token, reached
@@ -66,6 +81,7 @@ stage's time is idle; the default ``m = pp`` is the number of batches vLLM keeps
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 from minivllm.config.parallel import pipeline_stages
 from minivllm.sim.cost_model import CostModel
@@ -114,6 +130,7 @@ class Communication:
     wire_bytes_per_call: float  # what this GPU sends over its link for one call
     step_tokens: int
     link_bandwidth: float  # bytes/s in one direction
+    link_latency: float = 0.0  # seconds per call
 
     @property
     def payload_bytes_per_step(self) -> float:
@@ -129,11 +146,11 @@ class Communication:
 
     @property
     def seconds_per_step(self) -> float:
-        return self.wire_bytes_per_step / self.link_bandwidth
+        return self.calls_per_step * self.link_latency + self.wire_bytes_per_step / self.link_bandwidth
 
     @property
     def seconds_per_token(self) -> float:
-        return self.wire_bytes_per_token / self.link_bandwidth
+        return self.seconds_per_step / self.step_tokens
 
 
 @dataclass(frozen=True)
@@ -144,20 +161,73 @@ class LayoutPlan:
     hardware: Hardware
     layout: ParallelLayout
     dtype: str
+    kv_cache_dtype: str
     context_len: int
     gpu_memory_utilization: float
     step_tokens: int
+    sampled_tokens: int
     micro_batches: int
     stage_layers: tuple[int, ...]
     stage_weight_bytes: tuple[int, ...]
+    stage_activation_bytes: tuple[int, ...]  # the profiled forward pass's peak (0 when not profiled)
     stage_kv_bytes_per_token: tuple[int, ...]
     kv_tokens: int  # tokens of KV cache one replica holds (0 if the weights do not fit)
-    stage_communication: tuple[tuple[Communication, ...], ...]
     compute_seconds_per_token: float
 
     @property
     def usable_bytes(self) -> float:
         return self.hardware.memory_bytes * self.gpu_memory_utilization
+
+    @property
+    def stage_kv_cache_bytes(self) -> tuple[float, ...]:
+        """Memory left for the KV cache on a GPU of each stage (negative when nothing is left)."""
+        return tuple(self.usable_bytes - w - a - self.hardware.non_torch_bytes
+                     for w, a in zip(self.stage_weight_bytes, self.stage_activation_bytes))
+
+    @cached_property
+    def stage_communication(self) -> tuple[tuple[Communication, ...], ...]:
+        """Every stage's collectives in a step of ``step_tokens`` run as ``micro_batches``."""
+        cp, m = self.layout.cp, self.micro_batches
+        return tuple(self.micro_batch_communication(s, self.step_tokens / cp / m, self.sampled_tokens / cp / m,
+                                                    micro_batches=m)
+                     for s in range(self.layout.pp))
+
+    def micro_batch_communication(self, stage: int, tokens: float, sampled: float,
+                                  micro_batches: int = 1) -> tuple[Communication, ...]:
+        """A GPU of ``stage``'s collectives for micro-batches of ``tokens`` tokens on it (``sampled``
+        of them sampled), ``micro_batches`` of them in the step (see the module's table)."""
+        model, hw, lay = self.model, self.hardware, self.layout
+        tp, pp, ep, cp = lay.tp, lay.pp, lay.ep, lay.cp
+        b, d, h = DTYPE_BYTES[self.dtype], model.hidden_size, model.head_dim
+        n, num_moe = self.stage_layers[stage], self._stage_moe_layers[stage]
+        kv_heads = kv_heads_per_gpu(model, tp)
+        node = hw.node_size
+        # (parallelism, op, calls per micro-batch, payload per call, wire per payload byte, spans nodes)
+        kinds = []
+        if tp > 1:
+            kinds.append(("tp", "all_reduce", 2 * n + (stage == 0), tokens * d * b, 2 * (tp - 1) / tp, tp > node))
+            if stage == pp - 1:
+                kinds.append(("tp", "all_gather", 1, sampled * -(-model.vocab_size // tp) * b, tp - 1, tp > node))
+        if pp > 1 and stage < pp - 1:
+            first_next = (stage + 1) * tp  # GPUs are numbered stage after stage
+            kinds.append(("pp", "send", 2, tokens * d * b, 1, first_next // node != (first_next - 1) // node))
+        if ep > 1 and num_moe:
+            kinds.append(("ep", "all_to_all", 2 * num_moe, tokens / tp * model.num_experts_per_token * d * b,
+                          (ep - 1) / ep, tp * lay.dp > node))
+        if cp > 1:
+            kv = 2 * kv_heads * h * DTYPE_BYTES[self.kv_cache_dtype]
+            kinds.append(("cp", "send", (cp - 1) * n, tokens * kv, 1, tp * pp * cp > node))
+        comms = []
+        for kind, op, calls, payload, factor, spans_nodes in kinds:
+            bandwidth, latency = ((hw.network_bandwidth, hw.network_latency) if spans_nodes
+                                  else (hw.interconnect_bandwidth / 2, hw.link_latency))
+            comms.append(Communication(kind, op, micro_batches * calls, payload, payload * factor,
+                                       max(1, round(tokens * cp * micro_batches)), bandwidth, latency))
+        return tuple(comms)
+
+    @property
+    def _stage_moe_layers(self) -> list[int]:
+        return moe_layers_per_stage(self.model, self.stage_layers)
 
     @property
     def weight_bytes_per_gpu(self) -> int:
@@ -198,11 +268,13 @@ class LayoutPlan:
     def verdict(self) -> str:
         where = f"{self.model.name} ({self.dtype}) on {self.layout.num_gpus} x {self.hardware.name}"
         where += f" ({self.layout})" if self.layout.num_gpus > 1 else ""
-        if self.weight_bytes_per_gpu >= self.usable_bytes:
-            heaviest = self.stage_weight_bytes.index(self.weight_bytes_per_gpu)
+        if min(self.stage_kv_cache_bytes) <= 0:
+            heaviest = self.stage_kv_cache_bytes.index(min(self.stage_kv_cache_bytes))
             stage = f" on pipeline stage {heaviest}" if self.layout.pp > 1 else ""
-            return (f"{where}: does not fit: {self.weight_bytes_per_gpu / GB:.1f} GB of weights per GPU{stage}, "
-                    f"over the {self.usable_bytes / GB:.1f} GB usable at gpu_memory_utilization="
+            weights, activations = self.stage_weight_bytes[heaviest], self.stage_activation_bytes[heaviest]
+            return (f"{where}: does not fit: {weights / GB:.1f} GB of weights per GPU{stage}"
+                    + (f" and {activations / GB:.1f} GB of activations" if activations else "")
+                    + f", over the {self.usable_bytes / GB:.1f} GB usable at gpu_memory_utilization="
                     f"{self.gpu_memory_utilization}; use more GPUs (TP, PP or EP), or a smaller dtype")
         if not self.fits:
             return (f"{where}: does not fit: room for {self.kv_tokens} tokens of KV cache, fewer than one "
@@ -220,8 +292,8 @@ class LayoutPlan:
                       if worst.parallelism == "tp" else "")
             return (f"{where}: communication-bound: fits ({capacity}), but at full load the "
                     f"{worst.parallelism.upper()} {worst.op} alone "
-                    f"takes {worst.seconds_per_token * 1e6:.1f} us per token on the "
-                    f"{self.hardware.interconnect_bandwidth / GB:.0f} GB/s link, all communication {comm:.1f} "
+                    f"takes {worst.seconds_per_token * 1e6:.1f} us per token on its "
+                    f"{worst.link_bandwidth / GB:.0f} GB/s link (each way), all communication {comm:.1f} "
                     f"us against {compute:.1f} us of compute per token.{advice}")
         return (f"{where}: fits: {capacity}; communication {comm:.1f} us per token against {compute:.1f} us "
                 "of compute at full load")
@@ -239,16 +311,27 @@ def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
 
 
 def plan_layout(model: ModelSpec, hardware: Hardware, layout: ParallelLayout = ParallelLayout(), *,
-                dtype: str = "bf16", context_len: int = 8192, gpu_memory_utilization: float = 0.9,
-                step_tokens: int = 256, sampled_tokens: int | None = None,
-                micro_batches: int | None = None) -> LayoutPlan:
-    """Plan ``model`` in ``dtype`` on ``layout.num_gpus`` GPUs of ``hardware``; a step runs
-    ``step_tokens`` tokens per replica, ``sampled_tokens`` of them sampled (default: all, a decode
-    step), in ``micro_batches`` pipeline micro-batches (default ``pp``). See the module for the formulas."""
+                dtype: str = "bf16", kv_cache_dtype: str | None = None, context_len: int = 8192,
+                gpu_memory_utilization: float = 0.9, step_tokens: int = 256, sampled_tokens: int | None = None,
+                micro_batches: int | None = None, max_num_batched_tokens: int | None = 8192,
+                max_num_seqs: int = 256) -> LayoutPlan:
+    """Plan ``model`` in ``dtype`` (its KV cache in ``kv_cache_dtype``, default the same) on
+    ``layout.num_gpus`` GPUs of ``hardware``; a step runs ``step_tokens`` tokens per replica,
+    ``sampled_tokens`` of them sampled (default: all, a decode step), in ``micro_batches`` pipeline
+    micro-batches (default ``pp``). Room is kept for a profiled forward pass of
+    ``max_num_batched_tokens`` tokens sampling ``max_num_seqs`` rows (None: none kept). See the module
+    for the formulas."""
     cost = CostModel(model, hardware, dtype)  # checks the dtype and that the hardware has its FLOP rate
-    for name, value in (("context_len", context_len), ("step_tokens", step_tokens)):
+    kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+    if kv_dtype not in DTYPE_BYTES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+    for name, value in (("context_len", context_len), ("step_tokens", step_tokens), ("max_num_seqs", max_num_seqs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if max_num_batched_tokens is not None and (isinstance(max_num_batched_tokens, bool)
+                                               or not isinstance(max_num_batched_tokens, int)
+                                               or max_num_batched_tokens < 1):
+        raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens!r} must be an int >= 1 or None")
     if context_len > model.max_model_len:
         raise ValueError(f"context_len={context_len} exceeds {model.name}'s max_model_len={model.max_model_len}")
     if not 0 < gpu_memory_utilization <= 1:
@@ -267,6 +350,9 @@ def plan_layout(model: ModelSpec, hardware: Hardware, layout: ParallelLayout = P
     if (tp * pp * cp > 1 or ep > 1) and not hardware.interconnect_bandwidth > 0:
         raise ValueError(f"hardware.interconnect_bandwidth={hardware.interconnect_bandwidth}: {hardware.name} "
                          f"has no link between devices for {layout}")
+    if tp * pp * cp > hardware.node_size and not hardware.network_bandwidth > 0:
+        raise ValueError(f"hardware.network_bandwidth={hardware.network_bandwidth}: {layout} spans more than a "
+                         f"node of {hardware.node_size} {hardware.name}, and there is no network between nodes")
     kv_heads = kv_heads_per_gpu(model, tp)
     stages = pipeline_stages(model.num_layers, pp)
 
@@ -283,45 +369,43 @@ def plan_layout(model: ModelSpec, hardware: Hardware, layout: ParallelLayout = P
     moe_layer = attention + model.num_experts * d + experts + split(model.num_shared_experts * model.expert_params)
     vocab_shard = split(model.vocab_size) * d
 
-    # MoE layers per stage: those from index num_dense_layers on
-    firsts = [sum(stages[:s]) for s in range(pp)]
-    moe_layers = [max(0, f + n - max(f, model.num_dense_layers)) if model.num_experts else 0
-                  for f, n in zip(firsts, stages)]
-    weights, kv = [], []
-    for s, (n, num_moe) in enumerate(zip(stages, moe_layers)):
+    weights, activations, kv = [], [], []
+    for s, (n, num_moe) in enumerate(zip(stages, moe_layers_per_stage(model, stages))):
         w = (n - num_moe) * dense_layer + num_moe * moe_layer
         if s == 0:
             w += vocab_shard
         if s == pp - 1:
             w += d + (0 if model.tie_word_embeddings and pp == 1 else vocab_shard)
         weights.append(w * b)
-        kv.append(2 * n * kv_heads * h * b)
-    usable = hardware.memory_bytes * gpu_memory_utilization
-    free = [usable - w for w in weights]
+        kv.append(2 * n * kv_heads * h * DTYPE_BYTES[kv_dtype])
+        activations.append(0 if max_num_batched_tokens is None else _activation_bytes(
+            model, tp, kv_heads, b, n - num_moe, num_moe, min(max_num_batched_tokens, context_len),
+            max_num_seqs if s == pp - 1 else 0))
+    free = [hardware.memory_bytes * gpu_memory_utilization - w - a - hardware.non_torch_bytes
+            for w, a in zip(weights, activations)]
     kv_tokens = cp * min(int(f // k) for f, k in zip(free, kv)) if min(free) > 0 else 0
-
-    link = hardware.interconnect_bandwidth / 2
-    t = step_tokens / cp / m
-
-    def stage_communication(s: int) -> tuple[Communication, ...]:
-        n, num_moe = stages[s], moe_layers[s]
-        kinds = []  # (parallelism, op, calls per micro-batch, payload per call, wire bytes per payload byte)
-        if tp > 1:
-            kinds.append(("tp", "all_reduce", 2 * n + (s == 0), t * d * b, 2 * (tp - 1) / tp))
-            if s == pp - 1:
-                kinds.append(("tp", "all_gather", 1, sampled / cp / m * split(model.vocab_size) * b, tp - 1))
-        if pp > 1 and s < pp - 1:
-            kinds.append(("pp", "send", 2, t * d * b, 1))  # hidden states and residual
-        if ep > 1 and num_moe:
-            top_k = model.num_experts_per_token
-            kinds.append(("ep", "all_to_all", 2 * num_moe, t / tp * top_k * d * b, (ep - 1) / ep))
-        if cp > 1:
-            kinds.append(("cp", "send", (cp - 1) * n, t * 2 * kv_heads * h * b, 1))
-        return tuple(Communication(kind, op, m * calls, payload, payload * factor, step_tokens, link)
-                     for kind, op, calls, payload, factor in kinds)
 
     flops = cost.step_flops(step_tokens, sampled, step_tokens * context_len) / step_tokens
     compute = flops / (tp * pp * cp) / cost.peak_flops
-    return LayoutPlan(model, hardware, layout, dtype, context_len, gpu_memory_utilization, step_tokens, m, stages,
-                      tuple(weights), tuple(kv), kv_tokens,
-                      tuple(stage_communication(s) for s in range(pp)), compute)
+    return LayoutPlan(model, hardware, layout, dtype, kv_dtype, context_len, gpu_memory_utilization, step_tokens,
+                      sampled, m, stages, tuple(weights), tuple(activations), tuple(kv), kv_tokens, compute)
+
+
+def moe_layers_per_stage(model: ModelSpec, stages) -> list[int]:
+    """MoE layers on each pipeline stage: those from index ``num_dense_layers`` on."""
+    firsts = [sum(stages[:s]) for s in range(len(stages))]
+    return [max(0, f + n - max(f, model.num_dense_layers)) if model.num_experts else 0
+            for f, n in zip(firsts, stages)]
+
+
+def _activation_bytes(model: ModelSpec, tp: int, kv_heads: int, b: int, num_dense: int, num_moe: int,
+                      tokens: int, sampled_rows: int) -> int:
+    """Peak memory of a profiled forward pass of ``tokens`` tokens on one GPU, above the weights (see
+    the module): the widest layer's live tensors per token, and the last stage's fp32 logits and
+    probabilities for ``sampled_rows`` rows."""
+    mlp = max(model.intermediate_size if num_dense else 0,
+              (model.num_experts_per_token + model.num_shared_experts) * model.moe_intermediate_size
+              if num_moe else 0)
+    heads = model.num_heads // tp + 2 * kv_heads
+    per_token = (3 * -(-mlp // tp) + heads * model.head_dim + 2 * model.hidden_size) * b
+    return tokens * per_token + min(sampled_rows, tokens) * 2 * 4 * model.vocab_size

@@ -7,7 +7,7 @@ import torch
 
 from minivllm.config.engine import EngineConfig, resolve_dtype
 from minivllm.config.model import ModelConfig
-from minivllm.core.block_manager import BlockManager
+from minivllm.core.block_manager import BlockManager, KVCopy
 from minivllm.core.records import StepLogprobs
 from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.core.sequence import Sequence
@@ -164,6 +164,17 @@ class ModelRunner:
             meta = AttentionMetadata(
                 slot_mapping, groups=[build_attention_group(*zip(*g), block_size=bs, device=dev) for g in groups])
         return ModelInput(torch.tensor(batch.input_ids, device=dev), torch.tensor(batch.positions, device=dev), meta)
+
+    @torch.inference_mode()
+    def copy_kv(self, copies: list[KVCopy]) -> None:
+        """The radix prefix cache's copy-on-write: each `KVCopy`'s slots, K and V of every layer.
+        One gather then one scatter, so a block both read and written in one call is read first."""
+        if not copies:
+            return
+        bs = self.block_size
+        slots = torch.tensor([(c.src_block * bs + j, c.dst_block * bs + j) for c in copies for j in range(c.num_tokens)],
+                             device=self.device, dtype=torch.long)
+        self.kv_cache[:, :, slots[:, 1]] = self.kv_cache[:, :, slots[:, 0]]
 
     # ---- per-request state -------------------------------------------------------------------
     def _generator_for(self, request_id: str, params: SamplingParams) -> torch.Generator | None:

@@ -13,6 +13,7 @@ A check never raises because the learner's code raised: that is reported as the 
 | 06 | `check_paged_decode` | `paged_decode.py` |
 | 07 | `check_rejection_sampler` | `rejection_sampler.py` |
 | 08 | `check_row_parallel_linear` | `row_parallel.py` |
+| 09 | `check_slo_search` | `slo_search.py` |
 | 11 | `check_detokenizer` | `detokenizer.py` |
 """
 from minivllm.course.checks.base import CheckFailed, CheckResult, chi_square_pvalue, HISTORY
@@ -23,9 +24,10 @@ from minivllm.course.checks.rejection_sampler import check_rejection_sampler, sp
 from minivllm.course.checks.row_parallel import check_row_parallel_linear
 from minivllm.course.checks.sampling import LearnerSampler, check_sampling, describe, reference_probs
 from minivllm.course.checks.scheduling_policy import check_scheduling_policy
+from minivllm.course.checks.slo_search import check_slo_search
 
 __all__ = ["BlockManagerRun", "CheckFailed", "CheckResult", "HISTORY", "LearnerSampler", "check_block_manager",
            "check_detokenizer",
            "check_paged_decode", "check_rejection_sampler", "check_row_parallel_linear",
-           "check_sampling", "check_scheduling_policy", "chi_square_pvalue", "describe", "reference_probs",
-           "spec_check_engine", "stock_block_manager_run"]
+           "check_sampling", "check_scheduling_policy", "check_slo_search", "chi_square_pvalue", "describe",
+           "reference_probs", "spec_check_engine", "stock_block_manager_run"]
