@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch stays at the pinned release in test-latest too: a newer one is a several-GB CUDA build here.
 TORCH ?= $(shell grep '^torch==' constraints.txt)
 
-.PHONY: run test test-latest constraints bench course notebooks
+.PHONY: run test test-latest constraints bench course reset-exercise doctor handout notebooks
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
@@ -44,10 +44,25 @@ bench: $(VENV)/.installed
 
 # The course in JupyterLab, rooted at the repository so the chapters and the exercises are both in
 # reach, opening chapter 00. Jupyter refuses to run as root (containers, cloud notebooks) unless told.
+# First, each exercise not copied yet goes to workspace/ (git-ignored), where the learner works;
+# an existing copy is never overwritten. `make reset-exercise N=02` starts one over (keeping a backup).
 COURSE_START := /lab/tree/notebooks/00_why_an_engine.ipynb
 course: $(VENV)/.installed
+	$(PY) -m minivllm.course.workspace
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=$(COURSE_START) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS)
+
+reset-exercise: $(VENV)/.installed
+	$(PY) -m minivllm.course.workspace reset $(N)
+
+# Is this machine ready for the course? Versions, the widget extension, the course model, CPU speed.
+doctor: $(VENV)/.installed
+	$(PY) -m minivllm.course.doctor
+
+# The learner copies and the chapters, without solutions, in a folder to hand out (HANDOUT=handout).
+HANDOUT ?= handout
+handout: $(VENV)/.installed
+	$(PY) -m minivllm.course.handout $(HANDOUT)
 
 # Re-execute every chapter notebook and solved exercise in place (what gets committed), then
 # regenerate the learner copies of the exercises.

@@ -5,7 +5,8 @@ rule, each with the first broken rule in words; the row-parallel check (exercise
 all-reduce, a bias added on every rank and a wrong input slice; the rejection-sampler check (exercise
 07) verifiers that break the acceptance rule, the residual, the bonus token or the contract; the
 SLO-search check (exercise 09) searches that miss the edge cases, return a rate that misses the SLO,
-stop early, never stop, or probe too often."""
+stop early, never stop, or probe too often; the radix-tree check (exercise 12) matches and inserts
+that break a rule of the tree."""
 from __future__ import annotations
 
 import ast
@@ -13,6 +14,7 @@ import linecache
 import os
 import re
 import warnings
+from collections import deque
 from pathlib import Path
 
 import nbformat
@@ -23,10 +25,12 @@ from minivllm import LLM
 from minivllm.config.engine import EngineConfig
 from minivllm.core.block_manager import BlockManager, BlockManagerBase, chain_hash
 from minivllm.core.policy import ContinuousBatching, StaticBatching
+from minivllm.core.radix_block_manager import RadixBlockManager, common_prefix_len
 from minivllm.core.sequence import SequenceStatus
 from minivllm.course import checks, exercises
 from minivllm.course.checks import base as check_base
 from minivllm.course.checks import block_manager as bm_checks
+from minivllm.course.checks import radix_tree as radix_checks
 from minivllm.course.checks import rejection_sampler as verify_checks
 from minivllm.course.checks import sampling as sampling_checks
 from minivllm.course.checks import scheduling_policy as policy_checks
@@ -895,3 +899,276 @@ def test_09_slo_search_simulator_failures_show_the_p99s():
              r"lowest rate, 5, misses the SLO: return None \(your search used \d+ calls of meets_slo\); at 5 req/s "
              r"p99 TTFT [\d,]+ ms, TPOT [\d.]+ ms \(misses\)$")
     assert re.match(words, str(e.value)), str(e.value)
+
+
+# ---- the radix-tree check (exercise 12) tells right from wrong ----------------------------------------
+# Each flawed tree is the engine's own RadixBlockManager with one rule of exercise 12 broken.
+class BreadthFirstMatch(RadixBlockManager):
+    """A second correct match: breadth first (a queue, not a stack); ties may go to other blocks."""
+
+    def find_cached_prefix(self, seq):
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
+            return []
+        best, best_len, queue = self.root, 0, deque([(self.root, 0)])
+        while queue:
+            node, depth = queue.popleft()
+            want = self._wanted(seq, depth)
+            for child in node.children.get(want[0], ()) if want else ():
+                n = self.served_tokens(child, want)
+                if n == self.block_size:
+                    queue.append((child, depth + n))
+                if depth + n > best_len:
+                    best, best_len = child, depth + n
+        path = []
+        while best is not self.root:
+            path.append(best.block_id)
+            best = best.parent
+        return path[::-1]
+
+
+class WholeBlocksOnly(RadixBlockManager):
+    """Matches whole blocks only, as the hash cache does: never a partly matched block."""
+
+    def find_cached_prefix(self, seq):
+        path = super().find_cached_prefix(seq)
+        return path[:-1] if path and self.cached_prefix_tokens(seq, path) % self.block_size else path
+
+
+class CopiesUnreadyTokens(RadixBlockManager):
+    """Lets a copy read tokens the step being scheduled writes (num_ready ignored)."""
+
+    def served_tokens(self, node, want):
+        have = self.blocks[node.block_id].token_ids
+        return self.block_size if len(want) == self.block_size and have == want else common_prefix_len(have, want)
+
+
+class FirstChildOnly(RadixBlockManager):
+    """Follows only the first child filed under the next token."""
+
+    def find_cached_prefix(self, seq):
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
+            return []
+        node, depth, path = self.root, 0, []
+        while True:
+            want = self._wanted(seq, depth)
+            kids = node.children.get(want[0], ()) if want else ()
+            if not kids:
+                return path
+            n = self.served_tokens(kids[0], want)
+            if n:
+                path.append(kids[0].block_id)
+            if n < self.block_size:
+                return path
+            node, depth = kids[0], depth + n
+
+
+class ServesTheLastToken(RadixBlockManager):
+    def _wanted(self, seq, depth):
+        return tuple(seq.token_ids[depth:min(depth + self.block_size, seq.num_tokens)])
+
+
+class HangsEveryNodeFromTheRoot(RadixBlockManager):
+    def add_node(self, block_id, parent_id, first_token):
+        super().add_node(block_id, None, first_token)
+
+
+class FilesUnderTheWrongToken(RadixBlockManager):
+    def add_node(self, block_id, parent_id, first_token):
+        super().add_node(block_id, parent_id, first_token + 1)
+
+
+class RegistersTokensTwice(RadixBlockManager):
+    """Does not skip the tokens a block already holds (speculative decoding registers twice)."""
+
+    def insert(self, seq, start, stop):
+        bs, table = self.block_size, seq.block_table
+        for i in range(start // bs, -(-stop // bs)):
+            lo, hi = max(start, i * bs), min(stop, (i + 1) * bs)
+            if not self.blocks[table[i]].token_ids:
+                self.add_node(table[i], table[i - 1] if i else None, seq.token_ids[lo])
+            self.extend_node(table, i, tuple(seq.token_ids[lo:hi]))
+
+
+def test_radix_tree_check_passes_the_engines_own_and_a_breadth_first_match(capsys):
+    for cls in (RadixBlockManager, BreadthFirstMatch):
+        result = checks.check_radix_tree(cls)
+        assert result, str(result)
+        assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_radix_tree"
+
+
+def test_radix_tree_workloads_reach_every_path():
+    refs = [radix_checks.reference_run(s) for s in radix_checks.RT_SEEDS]
+    for attr in ("num_hits", "num_copies", "num_evictions", "num_preemptions"):
+        assert sum(getattr(r, attr) for r in refs) > 5, attr
+    assert all(r.output_tokens.keys() == {a.request_id for a in r.arrivals} for r in refs)
+
+
+@pytest.mark.parametrize("flawed,words", [
+    (WholeBlocksOnly, "workload 0, step 3: the scheduler ran request s0-5 on tokens 0-6 with your tree, on tokens 1-6 "
+                      "with the reference: the prefix cache served it 0 tokens with your tree, 1 with the reference"),
+    (CopiesUnreadyTokens, "workload 0, step 1: the scheduler ran request s0-1 on tokens 18-22 with your tree, on tokens "
+                          "16-20 with the reference: the prefix cache served it 18 tokens"),
+    (FirstChildOnly, "workload 0, step 2: the scheduler ran request s0-2 on tokens 18-21 with your tree, on tokens 20-21"),
+    (ServesTheLastToken, "workload 1, step 2: the engine raised ValueError: num_new_tokens=0 must be in [1, 0] for "
+                         "request 's1-2': your match served every token of a request, but its last token must run"),
+    (HangsEveryNodeFromTheRoot, "workload 0, after step 1: the invariant check failed: request s0-0's logical block 1 "
+                                "(block 1) hangs under another block than the one before it"),
+    (FilesUnderTheWrongToken, "workload 0, after step 1: the invariant check failed: block 0 is unreachable"),
+    (RegistersTokensTwice, "workload 2, after step 12: the invariant check failed: request s2-2's logical block 6"),
+    (BlockManager, "BlockManager does not subclass RadixBlockManager"),
+])
+def test_radix_tree_check_rejects_a_flawed_tree(flawed, words, capsys):
+    result = checks.check_radix_tree(flawed)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_radix_tree: ")
+
+
+def test_radix_tree_check_names_the_learners_method():
+    class Raises(RadixBlockManager):
+        def add_node(self, block_id, parent_id, first_token):
+            raise KeyError(block_id)
+
+    result = checks.check_radix_tree(Raises, verbose=False)
+    assert result.failure == "workload 0, step 1: add_node() raised KeyError: 0", result.failure
+
+
+# ---- the KV receiver check tells right from wrong (exercise 10) -------------------------------------
+# Module-level functions: the check rebuilds the receiver from their source, as the decode process does.
+from minivllm.disagg.scheduler_side import KVLoad, slots_of  # noqa: E402
+
+
+def plan_right(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    first, end = num_cached_tokens, num_prompt_tokens
+    slots = [block_table[p // block_size] * block_size + p % block_size for p in range(first, end)]
+    return KVLoad(request_id, end, first, slots, tuple(block_table[first // block_size:-(-end // block_size)]))
+
+
+def plan_asking_for_cached_positions(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    end = num_prompt_tokens
+    slots = [block_table[p // block_size] * block_size + p % block_size for p in range(end)]
+    return KVLoad(request_id, end, 0, slots, tuple(block_table[:-(-end // block_size)]))
+
+
+def plan_with_positions_as_slots(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    first, end = num_cached_tokens, num_prompt_tokens
+    return KVLoad(request_id, end, first, list(range(first, end)),
+                  tuple(block_table[first // block_size:-(-end // block_size)]))
+
+
+def plan_with_contiguous_blocks(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    first, end = num_cached_tokens, num_prompt_tokens
+    start = block_table[first // block_size] * block_size + first % block_size
+    return KVLoad(request_id, end, first, list(range(start, start + end - first)),
+                  tuple(block_table[first // block_size:-(-end // block_size)]))
+
+
+def plan_with_every_block(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    first, end = num_cached_tokens, num_prompt_tokens
+    slots = [block_table[p // block_size] * block_size + p % block_size for p in range(first, end)]
+    return KVLoad(request_id, end, first, slots, tuple(block_table[first // block_size:]))
+
+
+def plan_using_a_notebook_name(self, request_id, num_prompt_tokens, num_cached_tokens, block_table, block_size):
+    first, end = num_cached_tokens, num_prompt_tokens
+    return KVLoad(request_id, end, first, slots_of(block_table, first, end, block_size),
+                  tuple(block_table[first // block_size:-(-end // block_size)]))
+
+
+def load_right(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(2, len(load.slots), heads, dim, dtype=self.kv_cache.dtype, device=self.link_device)
+    index = torch.tensor(load.slots, dtype=torch.long, device=self.kv_cache.device)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[:, layer, index] = buf.to(self.kv_cache.device)
+    return num_layers * buf.numel() * buf.element_size()
+
+
+def load_k_only(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(len(load.slots), heads, dim, dtype=self.kv_cache.dtype)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[0, layer, torch.tensor(load.slots)] = buf
+    return num_layers * buf.numel() * buf.element_size()
+
+
+def load_into_a_copy(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(2, len(load.slots), heads, dim, dtype=self.kv_cache.dtype)
+    index = torch.tensor(load.slots)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[:, layer, index].copy_(buf)
+    return num_layers * buf.numel() * buf.element_size()
+
+
+def load_into_layer_0(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(2, len(load.slots), heads, dim, dtype=self.kv_cache.dtype)
+    index = torch.tensor(load.slots)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[:, 0, index] = buf
+    return num_layers * buf.numel() * buf.element_size()
+
+
+def load_k_and_v_swapped(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(2, len(load.slots), heads, dim, dtype=self.kv_cache.dtype)
+    index = torch.tensor(load.slots)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[:, layer, index] = buf.flip(0)
+    return num_layers * buf.numel() * buf.element_size()
+
+
+def load_counting_one_layer(self, load):
+    _, num_layers, _, heads, dim = self.kv_cache.shape
+    buf = torch.empty(2, len(load.slots), heads, dim, dtype=self.kv_cache.dtype)
+    index = torch.tensor(load.slots)
+    for layer in range(num_layers):
+        self.recv_layer(buf)
+        self.kv_cache[:, layer, index] = buf
+    return buf.numel() * buf.element_size()
+
+
+@pytest.mark.parametrize("plan,load,words", [
+    (plan_asking_for_cached_positions, load_right,
+     "prefix-cache hits asked for again: a 19-token prompt in blocks [5, 2, 9] of 8, the first 8 tokens cached on "
+     "the decode side: plan_load('3', 19, 8, [5, 2, 9], 8) asks for positions from 0"),
+    (plan_with_positions_as_slots, load_right,
+     "positions used as slots: a 19-token prompt in blocks [5, 2, 9] of 8, nothing cached: plan_load('3', 19, 0, "
+     "[5, 2, 9], 8) gives position p slot p"),
+    (plan_with_contiguous_blocks, load_right,
+     "contiguous blocks assumed: a 19-token prompt in blocks [5, 2, 9] of 8, nothing cached: plan_load('3', 19, 0, "
+     "[5, 2, 9], 8) counts on from slot 40, but the next block is 2, not 6"),
+    (plan_with_every_block, load_right,
+     "a 16-token prompt filling blocks [3, 1] of 8, a third block [4] allocated for the next token: plan_load('3', "
+     "16, 0, [3, 1, 4], 8) has block_ids (3, 1, 4): block 4 was allocated for the next token"),
+    (plan_using_a_notebook_name, load_right,
+     "a 19-token prompt in blocks [5, 2, 9] of 8, nothing cached: plan_load raised NameError: name 'slots_of' is "
+     "not defined (the check runs your functions from their source"),
+    (plan_right, load_k_only,
+     "a 10-token prompt in blocks [7, 2, 10], nothing cached: recv_layer got a buffer of shape [10, 2, 4]; the "
+     "prefill instance sends one tensor of shape [2, 10, 2, 4] per layer. K and V of a layer travel together"),
+    (plan_right, load_into_a_copy,
+     "a 10-token prompt in blocks [7, 2, 10], nothing cached: the cache is unchanged after load_layers"),
+    (plan_right, load_into_layer_0,
+     "a 10-token prompt in blocks [7, 2, 10], nothing cached: every layer's K/V landed in layer 0"),
+    (plan_right, load_k_and_v_swapped, "a 10-token prompt in blocks [7, 2, 10], nothing cached: K and V swapped"),
+    (plan_right, load_counting_one_layer,
+     "a 10-token prompt in blocks [7, 2, 10], nothing cached: load_layers returned 640; it received 3 layers x 2 "
+     "(K, V) x 10 positions x 2 KV heads x 4 x 4 bytes = 1920 bytes"),
+])
+def test_10_kv_receiver_check_rejects_a_flawed_receiver(plan, load, words, capsys):
+    result = checks.check_kv_receiver(plan, load)
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_kv_receiver: ")
+
+
+def test_10_kv_receiver_check_refuses_what_is_not_a_function():
+    result = checks.check_kv_receiver(lambda self, *a: None, load_right, verbose=False)
+    assert not result and "plan_load=" in result.failure and "must be a function defined with `def`" in result.failure

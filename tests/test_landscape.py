@@ -77,7 +77,7 @@ def test_filters(table):
     names = lambda needs: [e.key for e in table.engines_meeting(needs)]  # noqa: E731
     assert len(table.engines_meeting([])) == 7
     assert names(["runs_on_cpu"]) == ["vllm", "sglang", "llama_cpp", "minivllm"]
-    assert names(["pd_disaggregation"]) == ["vllm", "sglang", "tensorrt_llm", "lmdeploy"]
+    assert names(["pd_disaggregation"]) == ["vllm", "sglang", "tensorrt_llm", "lmdeploy", "minivllm"]
     assert "minivllm" not in names(["multi_lora"]) and "llama_cpp" in names(["multi_lora"])
     assert "llama_cpp" not in names(["multi_lora_batched"])
     assert names(["runs_on_cpu", "pd_disaggregation", "phones"]) == []

@@ -71,7 +71,7 @@ class RadixBlockManager(BlockManagerBase):
         self._unready: dict[int, None] = {}  # blocks given tokens in the step being scheduled
 
     # ---- lookup -------------------------------------------------------------------------------
-    def _served(self, node: RadixNode, want: tuple[int, ...]) -> int:
+    def served_tokens(self, node: RadixNode, want: tuple[int, ...]) -> int:
         """Of ``want`` (the request's next tokens, at most a block), how many ``node`` serves: the
         whole block when it is full and all match (shared), else the matched run it can copy."""
         have = self.blocks[node.block_id].token_ids
@@ -94,7 +94,7 @@ class RadixBlockManager(BlockManagerBase):
             node, depth = stack.pop()
             want = self._wanted(seq, depth)
             for child in node.children.get(want[0], ()) if want else ():
-                n = self._served(child, want)
+                n = self.served_tokens(child, want)
                 if n == bs:  # shared whole: its children may match further
                     stack.append((child, depth + bs))
                 if depth + n > best_len:
@@ -109,7 +109,7 @@ class RadixBlockManager(BlockManagerBase):
         if not cached_blocks:
             return 0
         depth = (len(cached_blocks) - 1) * self.block_size
-        return depth + self._served(self.nodes[cached_blocks[-1]], self._wanted(seq, depth))
+        return depth + self.served_tokens(self.nodes[cached_blocks[-1]], self._wanted(seq, depth))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int]) -> bool:
         num_cached = self.cached_prefix_tokens(seq, cached_blocks)
@@ -145,7 +145,7 @@ class RadixBlockManager(BlockManagerBase):
         seq.block_table.append(dst)
         self._copies.append(KVCopy(src, dst, num_tokens))
         start = (len(seq.block_table) - 1) * self.block_size
-        self._register(seq, start, start + num_tokens)
+        self.insert(seq, start, start + num_tokens)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
@@ -160,16 +160,16 @@ class RadixBlockManager(BlockManagerBase):
         stop = min(end, seq.num_tokens)  # slots past the known tokens hold draft tokens: not yet
         i, offset = divmod(start, self.block_size)
         if stop - start == 1 and offset and len(self.blocks[seq.block_table[i]].token_ids) == offset:
-            self._extend(seq.block_table, i, (seq.token_ids[start],))  # a decode: the common case, kept cheap
+            self.extend_node(seq.block_table, i, (seq.token_ids[start],))  # a decode: the common case, kept cheap
         else:
-            self._register(seq, start, stop)
+            self.insert(seq, start, stop)
 
     def free(self, seq: Sequence) -> None:
         self.release_blocks(seq.block_table[::-1])  # tail first: the free queue stays leaf-first
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
-    def _register(self, seq: Sequence, start: int, stop: int) -> None:
+    def insert(self, seq: Sequence, start: int, stop: int) -> None:
         """Put ``seq``'s tokens ``[start, stop)`` in the tree, in the blocks that hold them (each
         block a node under the block before it). Tokens already there are skipped: speculative
         decoding registers a chunk's known tokens, then its accepted drafts."""
@@ -182,10 +182,10 @@ class RadixBlockManager(BlockManagerBase):
                 continue
             assert lo == i * bs + have, f"block {block.block_id} would get a gap"
             if not have:
-                self._add_node(block.block_id, table[i - 1] if i else None, tokens[lo])
-            self._extend(table, i, tuple(tokens[lo:hi]))
+                self.add_node(block.block_id, table[i - 1] if i else None, tokens[lo])
+            self.extend_node(table, i, tuple(tokens[lo:hi]))
 
-    def _extend(self, table: list[int], i: int, tokens: tuple[int, ...]) -> None:
+    def extend_node(self, table: list[int], i: int, tokens: tuple[int, ...]) -> None:
         """Append ``tokens`` to the node of ``table[i]``; a block they fill gets its chain hash."""
         block = self.blocks[table[i]]
         block.token_ids += tokens
@@ -193,7 +193,7 @@ class RadixBlockManager(BlockManagerBase):
             block.block_hash = chain_hash(self.blocks[table[i - 1]].block_hash if i else None, block.token_ids)
         self._unready[block.block_id] = None
 
-    def _add_node(self, block_id: int, parent_id: int | None, first_token: int) -> None:
+    def add_node(self, block_id: int, parent_id: int | None, first_token: int) -> None:
         """A new node for ``block_id`` under ``parent_id`` (None: the root). Until the block is full
         its hash is the chain hash of its first token: a name that does not change on every token."""
         parent = self.root if parent_id is None else self.nodes[parent_id]

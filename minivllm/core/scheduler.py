@@ -172,6 +172,33 @@ class Scheduler:
         bisect.insort(self.running, seq, key=lambda s: s.arrival_index)  # a recompute goes back in place
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new_tokens))
 
+    def receive_transferred(self, seq: Sequence, cached_blocks: list[int], num_transferred_tokens: int) -> None:
+        """Disaggregated prefill, the decode side (`minivllm.disagg`, and the simulator's P/D pools):
+        give a request that another instance prefilled the blocks for the K/V of its first
+        ``num_transferred_tokens`` tokens, counted as computed: its local prefix-cache hits
+        ``cached_blocks`` first, then fresh blocks that the KV connector fills. It is neither waiting
+        nor running until `start_transferred` (its K/V has arrived). The caller has checked
+        `BlockManager.can_allocate` and ``max_num_seqs``."""
+        if seq.block_table or seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"seq={seq.request_id!r} is {seq.status.value} with {len(seq.block_table)} blocks: "
+                             "only a new request receives transferred K/V")
+        hit = self.block_manager.cached_prefix_tokens(seq, cached_blocks)
+        if not hit <= num_transferred_tokens < seq.num_tokens:
+            raise ValueError(f"num_transferred_tokens={num_transferred_tokens!r} must be in [{hit}, "
+                             f"{seq.num_tokens}) for request {seq.request_id!r}")
+        self.block_manager.allocate(seq, cached_blocks)
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.block_manager.append_slots(seq, num_transferred_tokens - seq.num_computed_tokens)
+        seq.num_computed_tokens = num_transferred_tokens
+
+    def start_transferred(self, seq: Sequence) -> None:
+        """The transferred K/V of ``seq`` (`receive_transferred`) has arrived: it decodes from the next
+        step on."""
+        if seq.status is not SequenceStatus.WAITING or not seq.block_table or seq in self.waiting:
+            raise ValueError(f"seq={seq.request_id!r} has not received transferred K/V (receive_transferred)")
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
+
     def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free the running ``seq``'s blocks and put it back at the front of the waiting queue, to be
         recomputed later; its generated tokens are kept. Not a request already run this step."""

@@ -15,17 +15,19 @@ from minivllm.core.trace import StepRecord, StepRecorder
 
 def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Sequence, int | list[int]]],
              clock: Callable[[], float], check_stop: Callable[[Sequence, int], bool],
-             step: int, recorder: StepRecorder) -> tuple[StepRecord, list[Sequence]]:
+             step: int, recorder: StepRecorder, *, allow_empty: bool = False) -> tuple[StepRecord, list[Sequence]]:
     """Schedule one step, ``execute`` it (returns the token sampled for each chunk that samples,
     or with speculative decoding the list of tokens it emits), apply ``check_stop`` (sets
     ``finish_reason`` and returns True to end a request) to every new token in order, and free the
     finished requests. Returns the step's record, written by the driver's ``recorder``, and the
-    finished requests."""
+    finished requests. A step that schedules nothing while requests wait is a bug, unless
+    ``allow_empty``: blocks held outside the scheduler (a P/D decode instance's KV still on the wire)
+    may leave it nothing to run until they arrive."""
     if not isinstance(recorder, StepRecorder):
         raise ValueError(f"recorder={recorder!r} must be a StepRecorder")
     start = clock()
     out = scheduler.schedule()
-    if out.is_empty and scheduler.has_unfinished():
+    if out.is_empty and scheduler.has_unfinished() and not allow_empty:
         raise RuntimeError("the scheduler could not schedule any waiting request; this is a bug")
     for chunk in out.chunks:
         if chunk.seq.first_scheduled_time is None:

@@ -22,6 +22,18 @@ the same reason.
 
     python -m minivllm.course.exercises            # write every learner copy
     python -m minivllm.course.exercises --check    # exit 1 if a copy is missing, stale or orphaned
+    python -m minivllm.course.handout DIR              # chapters and learner copies, no solutions
+
+Why not nbgrader's ``ClearSolutions`` preprocessor, which instructors know? The markers are
+nbgrader's own, so ``nbgrader generate_assignment`` (with ``ClearSolutions.enforce_metadata=False``:
+these cells carry no nbgrader metadata) makes the same skeletons, bar its stub's
+``raise NotImplementedError()``; checked with nbgrader 0.9.6 and our stub, it gives every solution's
+cells the sources `learner_notebook` gives them. As a dependency of ``make test`` it is not worth its
+weight: importing ``nbgrader.preprocessors`` imports its gradebook (SQLAlchemy, alembic), and the
+package pulls in ``notebook`` 7, ``rapidfuzz`` and more, to replace a 25-line function. It also
+matches a marker anywhere in a line (prose that mentions ``BEGIN SOLUTION`` would be cut), ignores a
+stray ``END SOLUTION`` that `strip_solution` refuses, and leaves the outputs, widget state and
+execution metadata that `learner_notebook` clears anyway (nbgrader's ``ClearOutput`` does the outputs).
 """
 from __future__ import annotations
 

@@ -150,14 +150,31 @@ class LLMEngine:
         if seqs[0].parent_id is not None:
             self.parents[seqs[0].parent_id] = seqs
         for seq in seqs:
-            p = seq.sampling_params
-            self.streams[seq.request_id] = SampleStream(self.detokenizer_class(
-                self.tokenizer, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
-                include_stop_str_in_output=p.include_stop_str_in_output))
-            if seq.sampling_params.structured_outputs is not None:
-                self.structured_output.add(seq.request_id, seq.sampling_params.structured_outputs)
-            self.requests[seq.request_id] = seq
+            self._track(seq)
             self.scheduler.add(seq)
+
+    def _track(self, seq: Sequence) -> None:
+        """The engine's own state of a new sample: its detokenizer, its grammar, its entry."""
+        p = seq.sampling_params
+        self.streams[seq.request_id] = SampleStream(self.detokenizer_class(
+            self.tokenizer, skip_special_tokens=p.skip_special_tokens, stop=p.stop,
+            include_stop_str_in_output=p.include_stop_str_in_output))
+        if p.structured_outputs is not None:
+            self.structured_output.add(seq.request_id, p.structured_outputs)
+        self.requests[seq.request_id] = seq
+
+    def add_prefilled_request(self, seq: Sequence, cached_blocks: list[int]) -> None:
+        """Disaggregated prefill (`minivllm.disagg`), the decode side: start a request (one sample, from
+        `make_request`) whose prompt another instance prefilled and whose first token it sampled, which
+        ``seq`` already ends with. It decodes from the next step on: its prompt's K/V goes into the
+        blocks allocated here after the local prefix-cache hits ``cached_blocks``, which the KV
+        connector fills before that step."""
+        self._track(seq)
+        self.scheduler.receive_transferred(seq, cached_blocks, seq.num_prompt_tokens)
+        self.scheduler.start_transferred(seq)  # the connector fills its blocks before the next step
+        if self._check_stop(seq, seq.token_ids[-1]):  # its text, grammar and stops, as a step takes a token
+            raise ValueError(f"request {seq.request_id!r} finished with its first token ({seq.finish_reason}): "
+                             "the prefill instance should have ended it")
 
     def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
         """Stop requests wherever they are (every sample of one with ``n`` > 1); each comes back

@@ -19,6 +19,7 @@ simulator's labs and the Cinema need no torch.
 | 07 | `SpecDecodeLab`: each step's drafts, accepted or rejected, on a real run |
 | 08 | `ParallelLab`: plan TP/PP/DP/EP/CP layouts with the planner |
 | 09 | `TuningLab`: every deployment knob in the simulator; goodput, cost, the binding constraint, the frontier |
+| 10 | `DisaggLab`: prefill/decode pools and the KV link against colocated GPUs; goodput, TTFT/ITL, the verdict |
 | 11 | `ServingLab`: a live benchmark against a real OpenAI-compatible server |
 | 12 | `LandscapeLab`: engines filtered by need from the sourced landscape table |
 """
@@ -26,7 +27,8 @@ from minivllm._lazy import lazy_attributes
 
 _MODULES = {"Lab": "base", "LabError": "base", "error_html": "base", "figure_png": "base",
             "AttentionRooflineLab": "roofline", "BatchingLab": "batching", "ChunkingLab": "chunking",
-            "CinemaLab": "cinema", "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
+            "CinemaLab": "cinema", "DisaggLab": "disagg", "DisaggSettings": "disagg",
+            "EngineStepper": "engine_stepper", "EngineStepperLab": "engine_stepper",
             "KVMemoryLab": "kv_memory", "KVMemoryPlan": "kv_memory", "LandscapeLab": "landscape",
             "ParallelLab": "parallel", "SpecDecodeLab": "spec", "SpecRun": "spec",
             "ServingBench": "serving", "ServingLab": "serving",

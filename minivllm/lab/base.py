@@ -44,6 +44,11 @@ ERROR_STYLE = ("color:#a40000;background:#fff0f0;border:1px solid #e0b4b4;border
                "padding:4px 8px;margin:4px 0")
 
 
+# keyword arguments for a control whose description must show whole ("gpu_memory_utilization" would be
+# cut to "gpu_memo..." at ipywidgets' default width)
+WIDE = {"style": {"description_width": "initial"}, "layout": {"width": "320px"}}
+
+
 class LabError(ValueError):
     """A setting the lab cannot show (for example more blocks than the cache has): its message is
     displayed inside the widget."""

@@ -25,7 +25,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from minivllm.lab.base import Lab, LabError
+from minivllm.lab.base import WIDE, Lab, LabError
 from minivllm.lab.batching import metrics_html
 from minivllm.lab.chunking import draw_kv, draw_tokens_per_step
 from minivllm.lab.experiment import SimExperiment
@@ -37,7 +37,6 @@ from minivllm.sim.tuner import FrontierCurve, frontier
 from minivllm.sim.workload import Workload
 
 SPEC_METHODS = ("off", "ngram", "draft_model")
-WIDE = {"style": {"description_width": "initial"}, "layout": widgets.Layout(width="320px")}
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ class TuningLab(Lab):
                       "preset": self.preset, "request_rate": self.rate, "ttft_slo_ms": self.ttft,
                       "tpot_slo_ms": self.tpot, "slo_percentile": self.percentile, "gpu_price_per_hour": self.price}
         for name, w in self.knobs.items():
-            self.on_change(w, lambda v, name=name: self.set(**{name: v}))
+            self.on_change(w, lambda v, name=name: self._update(**{name: v}))
         super().__init__(list(self.knobs.values()), figure=True)
         groups = {"Deployment": ["model", "hardware", "tp", "pp", "dp", "dtype", "kv_cache_dtype",
                                  "gpu_memory_utilization"],
@@ -228,9 +227,15 @@ class TuningLab(Lab):
         self.widget.children = (self.tabs, *self.widget.children[1:])
         self._sync_controls()
 
-    def set(self, **changes) -> None:
-        """Apply ``changes`` to the settings (``lab.set(tp=2, dp=2)`` from code: one simulation); a
-        new preset brings its own request rate. A refused setting raises `LabError`."""
+    def set(self, **changes) -> bool:
+        """Apply several settings at once from code (``lab.set(tp=2, dp=2)``: one simulation), as the
+        controls do: a refused setting shows its message and changes nothing. Returns whether it was
+        accepted."""
+        return self.apply(lambda: self._update(**changes))
+
+    def _update(self, **changes) -> None:
+        """Apply ``changes`` to the settings; a new preset brings its own request rate. A refused
+        setting raises `LabError` and changes nothing."""
         if "preset" in changes and "request_rate" not in changes:
             changes["request_rate"] = None
         if changes.get("request_rate") is not None and not math.isfinite(self.state.settings.rate) \

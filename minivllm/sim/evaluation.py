@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivllm.sim.metrics import SLO, Metrics, request_timelines, summarize
+from minivllm.core.trace import StepRecord
+from minivllm.sim.metrics import SLO, Metrics, RequestTimeline, request_timelines, summarize
 from minivllm.sim.simulator import SimResult
 
 
@@ -96,16 +97,24 @@ class RunSummary:
         return self.num_gpus * gpu_price_per_hour / 3600 / self.metrics.output_throughput * 1e6
 
 
+def judged_metrics(trace: list[StepRecord], arrival_times: dict[str, float], slo: PercentileSLO,
+                   percentiles: tuple[float, ...], num_preemptions: int) -> tuple[Metrics, list[RequestTimeline]]:
+    """The serving metrics of a trace at ``percentiles`` and at the SLO's own, goodput by the SLO's
+    per-request targets; and the requests' timelines they came from."""
+    timelines = request_timelines(trace, arrival_times)
+    if not timelines:
+        raise ValueError("the run has no finished request")
+    duration = max(t.finished for t in timelines) - min(arrival_times.values())
+    asked = tuple(sorted({float(p) for p in percentiles} | {float(slo.percentile)}))
+    return summarize(timelines, duration, slo.per_request, percentiles=asked,
+                     num_preemptions=num_preemptions), timelines
+
+
 def summarize_run(result: SimResult, slo: PercentileSLO, offered_rate: float,
                   percentiles: tuple[float, ...] = (50.0, 99.0)) -> RunSummary:
     """A `RunSummary` of ``result``: the metrics at ``percentiles`` and the SLO's, and the run's shape."""
-    timelines = request_timelines(result.trace, result.arrival_times)
-    if not timelines:
-        raise ValueError("the run has no finished request")
-    duration = max(t.finished for t in timelines) - min(result.arrival_times.values())
-    asked = tuple(sorted({float(p) for p in percentiles} | {float(slo.percentile)}))
-    metrics = summarize(timelines, duration, slo.per_request, percentiles=asked,
-                        num_preemptions=sum(len(r.preempted) for r in result.trace))
+    metrics, timelines = judged_metrics(result.trace, result.arrival_times, slo, percentiles,
+                                        sum(len(r.preempted) for r in result.trace))
     num_blocks = result.num_blocks
     free = np.fromiter((r.num_free_blocks for r in result.trace), float, len(result.trace))
     costs = result.step_costs

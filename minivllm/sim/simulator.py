@@ -98,7 +98,7 @@ class SimResult:
 
 
 @dataclass
-class _Replica:
+class Replica:
     """One data-parallel replica: its scheduler (and block manager) and its virtual clock."""
 
     scheduler: Scheduler
@@ -137,7 +137,7 @@ class Simulator:
             c.cuda_graphs)
         self.now = 0.0
         self._rng: random.Random | None = None  # draft acceptance, seeded per run
-        self._last_cost: StepCost | None = None
+        self.last_cost: StepCost | None = None
 
     def make_sequence(self, request: Request) -> Sequence:
         """A request as the engine would queue it; refuses (ValueError) what the engine refuses."""
@@ -154,13 +154,13 @@ class Simulator:
 
     def run(self, requests: list[Request]) -> SimResult:
         """Simulate ``requests`` (sorted by arrival time) to completion; returns the trace."""
-        with _collector_paused():
+        with collector_paused():
             return self._run(requests)
 
-    def _make_replica(self) -> _Replica:
+    def make_replica(self) -> Replica:
         c, cache = self.config, self.config.cache_config
         k = c.speculative.num_speculative_tokens if c.speculative else 0
-        return _Replica(c.scheduler_config.make_scheduler(cache.make_block_manager(self.num_blocks), c.max_model_len,
+        return Replica(c.scheduler_config.make_scheduler(cache.make_block_manager(self.num_blocks), c.max_model_len,
                                                           num_speculative_tokens=k))
 
     def _run(self, requests: list[Request]) -> SimResult:
@@ -180,7 +180,7 @@ class Simulator:
             return False
 
         self._rng = random.Random(c.speculative.seed) if c.speculative else None
-        replicas = [self._make_replica() for _ in range(c.layout.dp)]
+        replicas = [self.make_replica() for _ in range(c.layout.dp)]
         i, num_steps = 0, 0
         while True:  # the earliest event next: an arrival, or the step of the replica whose clock is behind
             busy = [r for r in replicas if r.scheduler.has_unfinished()]
@@ -196,11 +196,11 @@ class Simulator:
             if replica is None:
                 break
             self.now = replica.now
-            record, finished = run_step(replica.scheduler, self._execute, self._clock, check_stop, num_steps,
+            record, finished = run_step(replica.scheduler, self.execute, self.clock, check_stop, num_steps,
                                         replica.recorder)
             num_steps += 1
             replica.now = self.now
-            replica.steps.append((record, self._last_cost))
+            replica.steps.append((record, self.last_cost))
             for seq in finished:
                 seq.finished_time = record.end_time
         steps = sorted(((rec, cost, r) for r, rep in enumerate(replicas) for rec, cost in rep.steps),
@@ -208,10 +208,10 @@ class Simulator:
         return SimResult(c, self.num_blocks, [s[0] for s in steps], seqs, {s.request_id: s.arrival_time for s in seqs},
                          [s[1] for s in steps], [s[2] for s in steps])
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
         return self.now
 
-    def _execute(self, out: SchedulerOutput) -> dict[Sequence, int | list[int]]:
+    def execute(self, out: SchedulerOutput) -> dict[Sequence, int | list[int]]:
         """Advance the virtual clock by the step's cost; a dummy token for every chunk that samples
         (with speculative decoding, the accepted drafts and one more)."""
         sampled: dict[Sequence, int | list[int]] = {}
@@ -242,7 +242,7 @@ class Simulator:
             first = self.draft_cost.step_cost(len(out.chunks), num_tokens - num_drafts, len(sampled), context, pairs)
             rest = self.draft_cost.step_cost(decoding, decoding, decoding, decode_context, decode_context)
             cost = _plus_drafting(cost, first.time_s + (k - 1) * rest.time_s)
-        self._last_cost = cost
+        self.last_cost = cost
         self.now += cost.time_s
         return sampled
 
@@ -259,7 +259,7 @@ def _plus_drafting(cost: StepCost, seconds: float) -> StepCost:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """A run builds millions of acyclic records that all outlive it, and the cyclic collector would
     scan them all on their way to its oldest generation (seconds for 10,000 requests). Keep it off
     during the run, then move what the run built to the oldest generation unscanned (freeze, then

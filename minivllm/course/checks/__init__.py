@@ -14,12 +14,16 @@ A check never raises because the learner's code raised: that is reported as the 
 | 07 | `check_rejection_sampler` | `rejection_sampler.py` |
 | 08 | `check_row_parallel_linear` | `row_parallel.py` |
 | 09 | `check_slo_search` | `slo_search.py` |
+| 10 | `check_kv_receiver` | `kv_receiver.py` |
 | 11 | `check_detokenizer` | `detokenizer.py` |
+| 12 | `check_radix_tree` | `radix_tree.py` |
 """
 from minivllm.course.checks.base import CheckFailed, CheckResult, chi_square_pvalue, HISTORY
 from minivllm.course.checks.block_manager import BlockManagerRun, check_block_manager, stock_block_manager_run
 from minivllm.course.checks.detokenizer import check_detokenizer
+from minivllm.course.checks.kv_receiver import check_kv_receiver
 from minivllm.course.checks.paged_decode import check_paged_decode
+from minivllm.course.checks.radix_tree import check_radix_tree
 from minivllm.course.checks.rejection_sampler import check_rejection_sampler, spec_check_engine
 from minivllm.course.checks.row_parallel import check_row_parallel_linear
 from minivllm.course.checks.sampling import LearnerSampler, check_sampling, describe, reference_probs
@@ -27,7 +31,7 @@ from minivllm.course.checks.scheduling_policy import check_scheduling_policy
 from minivllm.course.checks.slo_search import check_slo_search
 
 __all__ = ["BlockManagerRun", "CheckFailed", "CheckResult", "HISTORY", "LearnerSampler", "check_block_manager",
-           "check_detokenizer",
-           "check_paged_decode", "check_rejection_sampler", "check_row_parallel_linear",
+           "check_detokenizer", "check_kv_receiver",
+           "check_paged_decode", "check_radix_tree", "check_rejection_sampler", "check_row_parallel_linear",
            "check_sampling", "check_scheduling_policy", "check_slo_search", "chi_square_pvalue", "describe",
            "reference_probs", "spec_check_engine", "stock_block_manager_run"]
