@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch stays at the pinned release in test-latest too: a newer one is a several-GB CUDA build here.
 TORCH ?= $(shell grep '^torch==' constraints.txt)
 
-.PHONY: run test test-latest constraints bench course reset-exercise doctor handout notebooks
+.PHONY: run test test-latest constraints bench course reset-exercise doctor handout notebooks chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,29 @@ run: $(VENV)/.installed
 
 # Unit tests, then every chapter notebook and solved exercise re-executed by nbval in strict mode
 # (outputs compared; the learner copies exercises/*.ipynb are not run: they stop at their skeletons).
+# tests/test_browser.py also runs the course in JupyterLab in Debian's Chromium (see `chromium`).
 PYTEST_ARGS := -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
 	tests notebooks exercises/solutions
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The browser test drives Debian's Chromium through Playwright (pip installs Playwright; its own browser
+# download needs more of the internet than a package registry). Installed here when missing and make runs
+# as root (CI does); otherwise the browser test is skipped, naming this command.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for tests/test_browser.py"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	  else \
+	    echo "no $(CHROMIUM): tests/test_browser.py will be skipped (as root: apt-get install -y chromium)"; \
+	  fi; \
+	fi
+
 # The same tests on today's releases (torch aside), in a venv made anew each time.
-test-latest:
+test-latest: chromium
 	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH)" -e ".[test,course]"
 	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -46,10 +62,15 @@ bench: $(VENV)/.installed
 # reach, opening chapter 00. Jupyter refuses to run as root (containers, cloud notebooks) unless told.
 # First, each exercise not copied yet goes to workspace/ (git-ignored), where the learner works;
 # an existing copy is never overwritten. `make reset-exercise N=02` starts one over (keeping a backup).
+# A saved notebook keeps what its lab outputs need to show again when reopened (no "Error displaying
+# widget: model not found"): the venv's JupyterLab saves widget state (overrides.json), and every
+# save goes through minivllm.lab.base.widget_pre_save_hook, which keeps the models that state misses.
 COURSE_START := /lab/tree/notebooks/00_why_an_engine.ipynb
 course: $(VENV)/.installed
 	$(PY) -m minivllm.course.workspace
+	$(PY) -c "from minivllm.lab.base import write_lab_overrides; write_lab_overrides()"
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=$(COURSE_START) \
+		--ContentsManager.pre_save_hook=minivllm.lab.base.widget_pre_save_hook \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS)
 
 reset-exercise: $(VENV)/.installed

@@ -163,6 +163,8 @@ def test_the_courses_handout_keeps_its_links(tmp_path, capsys):
     assert {p.name for p in (out / "notebooks").glob("*.ipynb")} == {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
     for chapter, where, name in chapter_links(out):
         assert (out / where / name).exists(), f"{chapter}: ../{where}/{name} is missing from the hand-out"
+    assert (out / "notebooks" / "glossary.md").read_text() == (ROOT / "notebooks" / "glossary.md").read_text(), \
+        "the chapters link to the glossary"
     assert handout.main(args) == 2  # never into a folder that is not empty
 
 

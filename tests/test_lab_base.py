@@ -149,3 +149,106 @@ def test_helpers():
     fig.add_subplot().plot([0, 1], [1, 0])
     png = figure_png(fig)
     assert png.startswith(b"\x89PNG") and png == figure_png(fig), "PNG bytes are deterministic"
+
+
+def test_rows_of_controls_sync_and_tables():
+    from minivllm.lab.base import CELL_STYLE, html_table
+
+    class TwoRows(TapeLab):
+        def __init__(self):
+            self.state = Tape()
+            self.block = widgets.IntSlider(value=4, min=0, max=12, description="block")
+            self.step_button = widgets.Button(description="step")
+            self.fail_with = None
+            Lab.__init__(self, [[self.on_change(self.block, self.state.set_block)],
+                                [self.on_click(self.step_button, self.state.step)]])
+
+    lab = TwoRows()
+    assert lab.controls == [lab.block, lab.step_button]
+    assert [box.children for box in lab.widget.children[:2]] == [(lab.block,), (lab.step_button,)]
+    lab.sync(lab.block, value=5)  # follows the state without acting: 5 does not divide 12, yet no refusal
+    assert lab.block.value == 5 and lab.state.block == 4 and lab.error_message == ""
+    lab.block.value = 6
+    assert lab.state.block == 6
+    table = html_table(["a", "b &amp; c"], [[1, "<b>x</b>"]])
+    assert table.count(f'style="{CELL_STYLE}"') == 4 and "<th" in table and "<b>x</b>" in table
+
+
+# ---- reopened notebooks: widget outputs never lose their model ---------------------------------------
+def test_the_mimebundle_carries_the_view_for_a_frontend_without_the_model():
+    from IPython.core.formatters import DisplayFormatter
+
+    lab = TapeLab(figure=True)
+    lab.step(3)
+    data, _ = DisplayFormatter().format(lab)
+    html = data["text/html"]
+    assert html.startswith('<div class="minivllm-lab-saved">') and lab.view.value in html
+    assert "run this cell for the interactive lab" in html
+    lab.block.value = 5  # refused: the fallback shows the message too, as the widget does
+    assert "must be &gt;= 1 and divide" in DisplayFormatter().format(lab)[0]["text/html"]
+
+
+def test_write_lab_overrides_turns_on_saving_widget_state(tmp_path):
+    import json
+
+    from minivllm.lab.base import write_lab_overrides
+
+    path = write_lab_overrides(str(tmp_path))
+    assert path == str(tmp_path / "share" / "jupyter" / "lab" / "settings" / "overrides.json")
+    with open(path) as f:
+        assert json.load(f) == {"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
+    with open(path, "w") as f:  # other settings already there are kept
+        json.dump({"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+                   "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": False}}, f)
+    write_lab_overrides(str(tmp_path))
+    with open(path) as f:
+        assert json.load(f) == {"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+                                "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
+
+
+def _notebook_with_lab(state_ids):
+    """A notebook whose one output shows a lab (a VBox of an HTML): the widget state holds ``state_ids``."""
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    models = {"box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_html"], "layout": "IPY_MODEL_lay"}},
+              "html": {"model_name": "HTMLModel", "state": {"value": "<p>saved</p>"}},
+              "lay": {"model_name": "LayoutModel", "state": {}}}
+    return {"cells": [{"id": "lab", "cell_type": "code", "source": "lab", "metadata": {}, "execution_count": 1,
+                       "outputs": [{"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                                    "data": {"application/vnd.jupyter.widget-view+json": view,
+                                             "text/html": "<p>view</p>", "text/plain": "Lab"}}]}],
+            "metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {
+                "version_major": 2, "version_minor": 0, "state": {i: models[i] for i in state_ids}}}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_the_pre_save_hook_in_a_real_contents_manager(tmp_path):
+    """What JupyterLab's save does (the server's FileContentsManager, with the hook `make course` sets)."""
+    import json
+
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+
+    from minivllm.lab.base import WIDGET_VIEW, widget_pre_save_hook
+
+    cm = FileContentsManager(root_dir=str(tmp_path), pre_save_hook="minivllm.lab.base.widget_pre_save_hook")
+
+    def save(nb):
+        cm.save({"type": "notebook", "format": "json", "content": nb}, "ch.ipynb")
+        return json.loads((tmp_path / "ch.ipynb").read_text())
+
+    full = ["box", "html", "lay"]
+    saved = save(_notebook_with_lab(full))  # every model there (saveState after Run All): unchanged
+    assert WIDGET_VIEW in saved["cells"][0]["outputs"][0]["data"]
+    # reopened and saved again before the cell ran: the manager writes only live models (none), the
+    # hook takes the output's models back from the file being overwritten (ipywidgets issue 3888)
+    saved = save(_notebook_with_lab([]))
+    assert WIDGET_VIEW in saved["cells"][0]["outputs"][0]["data"]
+    assert sorted(saved["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]) == full
+    # models nowhere to be found (Run All with saveState off, a new file): the output keeps its saved view
+    (tmp_path / "ch.ipynb").unlink()
+    saved = save(_notebook_with_lab(["box", "lay"]))
+    data = saved["cells"][0]["outputs"][0]["data"]
+    assert {k: "".join(v) for k, v in data.items()} == {"text/html": "<p>view</p>", "text/plain": "Lab"}
+    nb = {"cells": [{"cell_type": "markdown", "source": "x", "metadata": {}}], "metadata": {}}
+    widget_pre_save_hook({"type": "notebook", "content": nb})  # nothing to do without widget outputs
+    widget_pre_save_hook({"type": "file", "content": "text"})
+    assert nb == {"cells": [{"cell_type": "markdown", "source": "x", "metadata": {}}], "metadata": {}}

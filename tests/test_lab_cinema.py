@@ -3,12 +3,19 @@ after that step. The reference is the live BlockManager itself, read after each 
 hand-checked invariants of paging; the widget is driven like a browser would (values, clicks)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from minivllm import LLM, SamplingParams
-from minivllm.lab.cinema import Cinema, CinemaLab, replay
+from minivllm.lab.cinema import Cinema, CinemaLab, LiveCinemaLab, replay
 
 BLOCK_SIZE = 4
+
+
+def plain(html: str) -> str:
+    """The HTML without its style attributes (the tables' padding and borders)."""
+    return re.sub(r' style="[^"]*"', "", html)
 
 
 def run_with_live_state(llm: LLM, prompts: list[list[int]], max_tokens: int):
@@ -110,7 +117,7 @@ def test_the_widget_is_driven_by_values_and_clicks(run):
     table, tokens = lab.state.frame.table(victim)
     assert f"request {victim}: {tokens} tokens in {len(table)} blocks" in lab.view.value
     for i, b in enumerate(table):
-        assert f"<tr><td>{i}</td><td>{b}</td>" in lab.view.value
+        assert f"<tr><td>{i}</td><td>{b}</td>" in plain(lab.view.value)
     lab.seek(len(trace) - 1)
     lab.step()
     assert lab.error_message == "this is the last frame" and lab.state.frame_index == len(trace) - 1
@@ -135,3 +142,97 @@ def test_refuses_traces_it_cannot_show(run, checkpoint):
         lab.state.seek(-1)
     with pytest.raises(ValueError, match="request_id='nope' never held a block"):
         lab.state.select("nope")
+
+
+def test_the_layout_gives_every_frame_room_and_separates_table_headers(run):
+    trace, _ = run
+    lab = CinemaLab(trace)
+    assert lab.slider.layout.width == "640px", "a slider of ~120 px cannot pick one of 100+ frames"
+    assert lab.slider in lab.widget.children[0].children and lab.play in lab.widget.children[0].children
+    headers = re.findall(r"<th( style=\"[^\"]*\")?>", lab.view.value)
+    assert headers and all("padding" in h for h in headers), "header cells need padding, or they run together"
+
+
+# ---- the live Cinema: the learner's own run on a real engine ------------------------------------------
+def block_manager_state(engine):
+    bm = engine.block_manager
+    return {"tables": {s.request_id: (tuple(s.block_table), s.num_computed_tokens) for s in engine.scheduler.running},
+            "free_queue": tuple(bm.free_queue),
+            "cached_free": {b for b in bm.free_queue if bm.blocks[b].block_hash is not None}}
+
+
+@pytest.fixture
+def live(checkpoint):
+    return LiveCinemaLab(checkpoint("qwen3"), num_kv_blocks=12, block_size=BLOCK_SIZE, max_model_len=64,
+                         max_num_batched_tokens=16, max_num_seqs=4)
+
+
+def test_live_frames_are_the_block_manager_after_every_step(live):
+    engine = live.state.engine
+    assert "no step yet" in live.view.value and bytes(live.image.value).startswith(b"\x89PNG")
+    for prompt_len in (13, 11, 15, 9):  # 8 tokens of shared prefix each
+        live.add(prompt_len=prompt_len, max_tokens=10, shared_prefix=8)
+    assert live.error_message == "" and [r.request_id for r in live.state.requests] == ["r0", "r1", "r2", "r3"]
+    ids = [engine.requests[f"r{i}"].token_ids for i in range(4)]
+    assert all(t[:8] == ids[0][:8] for t in ids) and len({tuple(t[8:10]) for t in ids}) == 4
+    steps = 0
+    while engine.has_unfinished_requests():
+        live.step()
+        steps += 1
+        frame, state = live.state.frame, block_manager_state(engine)
+        assert len(live.state.frames) == steps == len(engine.trace) and live.state.frame_index == steps - 1
+        snap = frame.record.blocks
+        assert dict(zip(snap.request_ids, zip(snap.block_tables, snap.num_tokens))) == state["tables"]
+        assert frame.free_queue == state["free_queue"] and frame.cached_free == state["cached_free"]
+        assert live.slider.value == live.slider.max == steps - 1, "the frame slider follows the engine"
+        assert f"frame {steps - 1} of {steps - 1}" in live.view.value
+    assert live.error_message == ""
+    frames = live.state.frames
+    assert any(f.num_shared for f in frames), "the shared prefix is shared"
+    assert any(f.record.preempted for f in frames), "12 blocks of 4 cannot hold the four requests"
+    first = next(f for f in frames if f.record.preempted)
+    live.seek(frames.index(first))
+    assert f"preempted: {first.record.preempted[0]}" in live.view.value
+    assert set(live.state.finished) == {"r0", "r1", "r2", "r3"}
+    assert "finished (length)" in plain(live.view.value)
+    live.step()
+    assert live.error_message == "every request has finished: add another one"
+
+
+def test_live_settings_make_a_new_engine_and_refusals_put_controls_back(live):
+    live.add(prompt_len=10, max_tokens=4)
+    live.step()
+    first = live.state.engine
+    live.set(block_size=8)
+    assert live.error_message == "" and live.state.engine is not first
+    assert live.state.settings == {"num_kv_blocks": 12, "block_size": 8, "enable_prefix_caching": True}
+    assert live.state.requests == [] and live.state.frames == [] and "no step yet" in live.view.value
+    assert live.slider.max == 0 and live.request.options == ()
+    live.set(enable_prefix_caching=False, num_kv_blocks=5)
+    assert live.state.settings == {"num_kv_blocks": 5, "block_size": 8, "enable_prefix_caching": False}
+    assert live.state.engine.block_manager.num_blocks == 5 == live.state.num_blocks
+
+    def refused(action, message, control, value):
+        engine, requests = live.state.engine, list(live.state.requests)
+        action()
+        assert message in live.error_message and "Traceback" not in live.error.value
+        assert control.value == value, "the control is back at the value in effect"
+        assert live.state.engine is engine and live.state.requests == requests
+
+    refused(lambda: live.set(num_kv_blocks=600), "the Cinema draws at most 512", live.num_kv_blocks, 5)
+    refused(lambda: live.set(num_kv_blocks=0), "num_kv_blocks=0 must be an int >= 1", live.num_kv_blocks, 5)
+    # 5 blocks of 8 tokens: 40 slots, and a request must fit the whole cache by itself
+    refused(lambda: live.add(prompt_len=30, max_tokens=20), "needs 7 KV blocks, but the cache has only 5",
+            live.prompt_len, 10)  # back at the last request added
+    refused(lambda: live.add(prompt_len=4, max_tokens=2, shared_prefix=6), "shared_prefix=6 is longer than the prompt",
+            live.shared_prefix, 0)
+    live.add(prompt_len=12, max_tokens=3, shared_prefix=4)
+    assert live.error_message == "" and (live.prompt_len.value, live.max_tokens.value) == (12, 3)
+    refused(lambda: live.add(prompt_len=64, max_tokens=1), "needs 8 KV blocks", live.prompt_len, 12)
+    live.step()
+    live.reset()
+    assert live.state.requests == [] and live.state.settings["num_kv_blocks"] == 5
+    live.step()
+    assert live.error_message == "nothing to run: add a request first"
+    with pytest.raises(ValueError, match="not a cache setting"):
+        live.set(max_model_len=32)

@@ -23,7 +23,7 @@ def test_steps_show_the_engines_own_schedule_and_blocks(lab):
     rec = engine.trace[-1]
     assert rec.num_batched_tokens <= 8
     for chunk in rec.chunks:
-        assert f"<td>{chunk.request_id}</td>" in lab.view.value
+        assert f">{chunk.request_id}</td>" in lab.view.value
     for seq in engine.scheduler.running:
         assert str(seq.block_table) in lab.view.value, "the view shows the BlockManager's real table"
     while engine.has_unfinished_requests():
@@ -47,3 +47,38 @@ def test_bad_settings_show_a_message_and_change_nothing(lab, action, message):
     assert "Traceback" not in lab.error.value
     assert len(lab.state.engine.trace) == steps and not lab.state.engine.has_unfinished_requests()
     assert (lab.prompt.value, lab.max_tokens.value) == controls, "the controls never keep a refused request"
+
+
+def test_reset_and_cache_size_make_a_new_engine(lab):
+    first = lab.state.engine
+    lab.add("def", max_tokens=2)
+    lab.step()
+    lab.reset()
+    engine = lab.state.engine
+    assert engine is not first and not engine.trace and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_blocks == first.block_manager.num_blocks and lab.state.finished == {}
+    assert "no step has run yet" in lab.view.value
+    # a cache of 6 blocks of 4 tokens: two requests of 13 and 9 prompt tokens outgrow it and one is preempted
+    lab.num_kv_blocks.value = 6
+    engine = lab.state.engine
+    assert engine.block_manager.num_blocks == 6 and "KV blocks used 0 of 6" in lab.view.value
+    lab.add("the engine schedules every request", max_tokens=8)
+    lab.add("def fibonacci(n):", max_tokens=8)
+    preempted = []
+    while engine.has_unfinished_requests():
+        lab.step()
+        preempted += engine.trace[-1].preempted
+        if engine.trace[-1].preempted:
+            assert f"preempted: {engine.trace[-1].preempted[0]}" in lab.view.value
+    assert preempted and lab.error_message == ""
+    lab.add("x " * 30, max_tokens=4)  # 31+ tokens need 8+ blocks: longer than the whole cache
+    assert "but the cache has only 6" in lab.error_message and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("value", [0, 10 ** 9])
+def test_a_refused_cache_size_puts_the_control_back(lab, value):
+    engine = lab.state.engine
+    n = engine.block_manager.num_blocks
+    lab.num_kv_blocks.value = value
+    assert f"num_kv_blocks={value} must be an int in 1..{n}" in lab.error_message
+    assert lab.num_kv_blocks.value == n and lab.state.engine is engine

@@ -99,3 +99,53 @@ def test_sanitize_file_parses():
     for regex, _ in pairs:
         re.compile(regex)
     assert re.sub(pairs[0][0], pairs[0][1], "<object at 0x7f3a1c2b4d90>") == "<object at 0xADDRESS>"
+
+
+# ---- the glossary (notebooks/glossary.md) ------------------------------------------------------------
+GLOSSARY = ROOT / "notebooks" / "glossary.md"
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+GLOSSARY_LINK = re.compile(r"\]\(glossary\.md(?:#([^)\s]*))?\)")
+
+
+def heading_anchor(text: str) -> str:
+    """The anchor JupyterLab gives a heading (rendermime's createHeaderId): its text, spaces turned into
+    hyphens, case kept."""
+    return text.strip().replace(" ", "-")
+
+
+def glossary_terms() -> list[str]:
+    return re.findall(r"^## (.+)$", GLOSSARY.read_text(encoding="utf-8"), flags=re.M)
+
+
+def test_glossary_is_alphabetical_and_its_own_links_resolve():
+    terms = glossary_terms()
+    assert len(terms) >= 30, terms
+    assert terms == sorted(terms, key=str.lower), "glossary entries must be in alphabetical order"
+    assert len({heading_anchor(t) for t in terms}) == len(terms), "two entries share an anchor"
+    anchors = {heading_anchor(t) for t in terms}
+    text = GLOSSARY.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(#([^)\s]+)\)", text):
+        assert target in anchors, f"glossary.md links to #{target}, which is no entry"
+    for entry in re.split(r"^## ", text, flags=re.M)[1:]:
+        assert re.search(r"[Cc]hapters? \d\d", entry), f"the entry {entry.splitlines()[0]!r} names no chapter"
+
+
+def test_chapter_glossary_links_resolve_and_every_term_is_linked():
+    """A chapter's markdown links a term's first use (once per chapter) to `glossary.md#Anchor`; every
+    link must land on an entry, and every entry must be linked from some chapter."""
+    anchors = {heading_anchor(t) for t in glossary_terms()}
+    linked = set()
+    for path in CHAPTERS:
+        seen = set()
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type != "markdown":
+                continue
+            for target in GLOSSARY_LINK.findall(cell.source):
+                if not target:  # a link to the glossary as a whole
+                    continue
+                assert target in anchors, f"{path.name} cell {i} links to glossary.md#{target}, which is no entry"
+                assert target not in seen, f"{path.name} cell {i} links {target} again: only its first use is linked"
+                linked.add(target)
+                seen.add(target)
+    missing = sorted(anchors - linked)
+    assert not missing, f"glossary entries no chapter links to: {missing}"

@@ -293,3 +293,49 @@ LLAMA, H100 = get_model("Llama-3.1-8B"), get_hardware("H100-SXM")
 def test_bad_layouts_raise_value_error_naming_the_field(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_context_parallel_cost_formulas_and_agreement_with_plan_layout():
+    from minivllm.sim.planner import context_parallel_cost
+
+    llama, h100 = get_model("Llama-3.1-8B"), get_hardware("H100-SXM")
+    e = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads of 128, bf16: 128 KiB per token
+    one = context_parallel_cost(llama, h100, 1, 131072)
+    assert one.kv_bytes_per_token == e and one.kv_bytes_per_gpu == 131072 * e
+    assert (one.prefill_wire_bytes_per_token, one.decode_wire_bytes_per_token, one.decode_calls_per_token,
+            one.pass_kv_decode_wire_bytes_per_token, one.decode_comm_seconds_per_token,
+            one.prefill_comm_seconds) == (0, 0, 0, 0, 0, 0)
+    four = context_parallel_cost(llama, h100, 4, 131073)
+    assert four.kv_bytes_per_gpu == 32769 * e  # ceil(C / cp) tokens
+    assert four.prefill_wire_bytes_per_token == 3 / 4 * e
+    # the ring's bytes per prompt token are plan_layout's cp send
+    plan = plan_layout(llama, h100, ParallelLayout(cp=4), context_len=131072, step_tokens=8192)
+    (send,) = plan.communication
+    assert (send.parallelism, send.op) == ("cp", "send")
+    assert send.wire_bytes_per_token == pytest.approx(four.prefill_wire_bytes_per_token)
+    # decode: per layer, all-gather q (3 * 32 heads * 128 * 2 B), LSEs (3 * 4 * 32 * 4 B), reduce-scatter out
+    assert four.decode_wire_bytes_per_token == 32 * (3 * 32 * 128 * 2 + 3 * 4 * 32 * 4 + 3 * 32 * 128 * 2)
+    assert four.decode_calls_per_token == 96
+    assert four.decode_comm_seconds_per_token == pytest.approx(96 * 10e-6 + four.decode_wire_bytes_per_token / 450e9)
+    assert four.pass_kv_decode_wire_bytes_per_token == 3 * 32769 * e
+    assert four.prefill_comm_seconds == pytest.approx(131073 * 0.75 * e / 450e9)
+    # the block a GPU needs for its send to hide: K b F / (2 H B) = 8 * 2 * 989e12 / (2 * 32 * 450e9)
+    assert four.ring_hide_tokens == pytest.approx(8 * 2 * 989e12 / (2 * 32 * 450e9))
+    # with tp, the GPU holds H / tp query heads and K / tp KV heads
+    tp2 = context_parallel_cost(llama, h100, 2, 1000, tp=2)
+    assert tp2.kv_bytes_per_token == e // 2
+    assert tp2.decode_wire_bytes_per_token == 32 * 1 * 16 * (2 * 128 * 2 + 4 * 2)
+    # past a node, the network
+    assert context_parallel_cost(llama, h100, 16, 1000).link == (h100.network_bandwidth, h100.network_latency)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cp=0), "cp=0"), (dict(cp=2.0), "cp=2.0"), (dict(context_len=0), "context_len=0"),
+    (dict(tp=3), "tp=3"), (dict(dtype="int3"), "dtype"), (dict(kv_cache_dtype="int3"), "kv_cache_dtype"),
+])
+def test_context_parallel_cost_refuses_bad_input(kwargs, match):
+    from minivllm.sim.planner import context_parallel_cost
+
+    args = dict(cp=2, context_len=1000) | kwargs
+    with pytest.raises(ValueError, match=match):
+        context_parallel_cost(get_model("Llama-3.1-8B"), get_hardware("H100-SXM"), **args)

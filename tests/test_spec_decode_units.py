@@ -99,3 +99,21 @@ def test_ngram_proposes_what_followed_the_longest_recent_match():
 def test_ngram_refuses_bad_settings(kwargs, field):
     with pytest.raises(ValueError, match=field):
         NgramProposer(**kwargs)
+
+
+def test_timed_run_reads_the_given_clock_and_batches_the_prompts():
+    from types import SimpleNamespace
+
+    from minivllm.benchmarks.spec_decode import timed_run
+
+    calls = []
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(list(prompts))
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2, 3])]) for _ in prompts]
+
+    ticks = iter([10.0, 12.0])
+    rate, outs = timed_run(FakeLLM(), ["a", "b", "c"], 2, None, clock=lambda: next(ticks))
+    assert calls == [["a", "b"], ["c"]] and len(outs) == 3
+    assert rate == 9 / 2.0  # 9 output tokens over the clock's 2 seconds

@@ -4,7 +4,8 @@
 
 writes, into a new (or empty) folder ``DIR``:
 
-* ``notebooks/``: the chapters as committed, executed, so they read well before anyone runs them;
+* ``notebooks/``: the chapters as committed, executed, so they read well before anyone runs them, and
+  the glossary they link to;
 * ``exercises/``: the learner copies, generated afresh from ``exercises/solutions/`` (solution code
   replaced by ``# YOUR CODE HERE``, every output cleared), never the solutions themselves;
 * ``workspace/``: the learners' working copies of those (see `minivllm.course.workspace`), so the
@@ -67,7 +68,8 @@ def write_handout(exercises_dir: str, notebooks_dir: str, out_dir: str) -> list[
             raise ValueError(f"chapter {name} holds a ### BEGIN SOLUTION block: a chapter must not")
     written = []
     os.makedirs(os.path.join(out_dir, "notebooks"))
-    for name in chapters:
+    pages = sorted(n for n in os.listdir(notebooks_dir) if n.endswith(".md"))  # the glossary the chapters link to
+    for name in chapters + pages:
         written.append(shutil.copyfile(os.path.join(notebooks_dir, name), os.path.join(out_dir, "notebooks", name)))
     os.makedirs(os.path.join(out_dir, "exercises"))
     for solution, learner in pairs:

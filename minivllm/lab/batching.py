@@ -124,7 +124,8 @@ class BatchingLab(Lab):
         self.request_rate = widgets.FloatLogSlider(value=s.request_rate, base=2, min=-2, max=7, step=0.5,
                                                    description="req/s")
         self.length_kind = widgets.Dropdown(options=list(LENGTH_KINDS), value=s.length_kind, description="lengths")
-        self.policy = widgets.ToggleButtons(options=list(BATCHING_POLICIES), value=s.policy, description="policy")
+        self.policy = widgets.ToggleButtons(options=list(BATCHING_POLICIES), value=s.policy, description="policy",
+                                            style={"button_width": "90px"})
         self.max_num_seqs = widgets.IntSlider(value=s.max_num_seqs, min=1, max=256, description="max batch")
         self.model = widgets.Dropdown(options=list(MODELS), value=s.model, description="model")
         self.hardware = widgets.Dropdown(options=list(HARDWARE), value=s.hardware, description="GPU")
@@ -133,9 +134,7 @@ class BatchingLab(Lab):
                                     ("length_kind", self.length_kind), ("policy", self.policy),
                                     ("max_num_seqs", self.max_num_seqs), ("model", self.model),
                                     ("hardware", self.hardware)]]
-        super().__init__(controls, figure=True)
-        self.widget.children = (widgets.VBox([widgets.HBox(controls[:4]), widgets.HBox(controls[4:])]),
-                                *self.widget.children[1:])
+        super().__init__([controls[:4], controls[4:]], figure=True)
 
     def render(self) -> str:
         run = self.state.run

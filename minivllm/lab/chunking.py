@@ -15,7 +15,7 @@ import ipywidgets as widgets
 import numpy as np
 from matplotlib.figure import Figure
 
-from minivllm.lab.base import Lab
+from minivllm.lab.base import WIDE, Lab
 from minivllm.lab.batching import metrics_html
 from minivllm.lab.experiment import SimExperiment
 from minivllm.sim import (Lengths, Metrics, SimConfig, SimResult, Simulator, Workload, compute_metrics,
@@ -105,15 +105,15 @@ class ChunkingLab(Lab):
         self.state = SimExperiment(simulate, settings or ChunkingSettings())
         s = self.state.settings
         self.budget = widgets.SelectionSlider(options=[2 ** k for k in range(7, 14)], value=s.max_num_batched_tokens,
-                                              description="token budget")
+                                              description="token budget (max_num_batched_tokens)", **WIDE)
         self.memory = widgets.FloatSlider(value=s.gpu_memory_utilization, min=0.5, max=1.0, step=0.01,
-                                          description="gpu mem util")
-        self.chunked = widgets.Checkbox(value=s.enable_chunked_prefill, description="chunked prefill")
-        self.max_num_seqs = widgets.IntSlider(value=s.max_num_seqs, min=1, max=256, description="max_num_seqs")
+                                          description="gpu_memory_utilization", **WIDE)
+        self.chunked = widgets.Checkbox(value=s.enable_chunked_prefill, description="chunked prefill", **WIDE)
+        self.max_num_seqs = widgets.IntSlider(value=s.max_num_seqs, min=1, max=256, description="max_num_seqs", **WIDE)
         controls = [self.on_change(w, lambda v, name=name: self.state.update(**{name: v}))
                     for name, w in [("max_num_batched_tokens", self.budget), ("gpu_memory_utilization", self.memory),
                                     ("enable_chunked_prefill", self.chunked), ("max_num_seqs", self.max_num_seqs)]]
-        super().__init__(controls, figure=True)
+        super().__init__([controls[:2], controls[2:]], figure=True)
 
     def render(self) -> str:
         run = self.state.run

@@ -94,11 +94,11 @@ class KVMemoryLab(Lab):
         self.dtype = widgets.Dropdown(options=list(DTYPE_BYTES), value=dtype, description="dtype")
         self.context = widgets.IntText(value=context, description="context")
         self.batch = widgets.IntText(value=batch, description="batch")
-        super().__init__([self.on_change(self.model, lambda v: self._replan(model=self.models[v])),
-                          self.on_change(self.gpu, lambda v: self._replan(gpu=HARDWARE[v])),
-                          self.on_change(self.dtype, lambda v: self._replan(dtype=v)),
-                          self.on_change(self.context, lambda v: self._replan(context=v)),
-                          self.on_change(self.batch, lambda v: self._replan(batch=v))], figure=True)
+        super().__init__([[self.on_change(self.model, lambda v: self._replan(model=self.models[v])),
+                           self.on_change(self.gpu, lambda v: self._replan(gpu=HARDWARE[v])),
+                           self.on_change(self.dtype, lambda v: self._replan(dtype=v))],
+                          [self.on_change(self.context, lambda v: self._replan(context=v)),
+                           self.on_change(self.batch, lambda v: self._replan(batch=v))]], figure=True)
 
     def _replan(self, **change) -> None:
         current = {k: getattr(self.plan, k) for k in ("model", "gpu", "dtype", "context", "batch")}

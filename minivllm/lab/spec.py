@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from minivllm.config.speculative import METHODS
 from minivllm.core.records import SpecDecodeMetrics, expected_tokens_per_step
-from minivllm.lab.base import Lab, LabError
+from minivllm.lab.base import WIDE, Lab, LabError
 from minivllm.llm import LLM
 from minivllm.sampling_params import SamplingParams
 
@@ -115,14 +115,15 @@ class SpecDecodeLab(Lab):
         self.state = SpecRun(target, draft)
         self.max_tokens, self.max_rows = max_tokens, max_rows
         self.prompt = widgets.Textarea(value=prompt, description="prompt", continuous_update=False)
-        self.method = widgets.Dropdown(options=list(METHODS), value="ngram", description="method")
-        self.k = widgets.IntSlider(value=3, min=1, max=8, description="k")
-        self.temperature = widgets.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.1, description="temperature")
+        self.method = widgets.Dropdown(options=list(METHODS), value="ngram", description="method", **WIDE)
+        self.k = widgets.IntSlider(value=3, min=1, max=8, description="k", **WIDE)
+        self.temperature = widgets.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.1, description="temperature",
+                                               **WIDE)
         controls = [self.prompt, self.method, self.k, self.temperature]
         for control in controls:
             self.on_change(control, lambda _value: self._rerun())
         self._rerun()
-        super().__init__(controls, figure=True)
+        super().__init__([controls[:2], controls[2:]], figure=True)
 
     def _rerun(self) -> None:
         self.state.run(self.prompt.value, self.method.value, self.k.value, self.temperature.value, self.max_tokens)

@@ -409,3 +409,101 @@ def _activation_bytes(model: ModelSpec, tp: int, kv_heads: int, b: int, num_dens
     heads = model.num_heads // tp + 2 * kv_heads
     per_token = (3 * -(-mlp // tp) + heads * model.head_dim + 2 * model.hidden_size) * b
     return tokens * per_token + min(sampled_rows, tokens) * 2 * 4 * model.vocab_size
+
+
+@dataclass(frozen=True)
+class ContextParallelCost:
+    """One sequence of ``context_len`` tokens whose KV cache is spread by token over ``cp`` GPUs, as
+    one GPU of the group sees it (see `context_parallel_cost` for the formulas)."""
+
+    model: ModelSpec
+    hardware: Hardware
+    cp: int
+    tp: int
+    context_len: int
+    kv_bytes_per_token: int  # K and V of one token, all layers, on the GPU that holds it
+    prefill_wire_bytes_per_token: float  # ring attention (pass-KV): per prompt token
+    decode_wire_bytes_per_token: float  # decode context parallel: per generated token
+    decode_calls_per_token: int  # collectives per generated token (three per layer)
+    pass_kv_decode_wire_bytes_per_token: float  # decode by passing the KV around the ring instead
+    ring_hide_tokens: float  # a ring block of at least this many tokens per GPU hides its send
+
+    @property
+    def kv_bytes_per_gpu(self) -> float:
+        """The sequence's KV cache on one GPU: its ``ceil(context_len / cp)`` tokens."""
+        return -(-self.context_len // self.cp) * self.kv_bytes_per_token
+
+    @property
+    def link(self) -> tuple[float, float]:
+        """(bytes/s in one direction, seconds per call) of the group's link."""
+        hw = self.hardware
+        if self.tp * self.cp > hw.node_size:
+            return hw.network_bandwidth, hw.network_latency
+        return hw.interconnect_bandwidth / 2, hw.link_latency
+
+    @property
+    def decode_comm_seconds_per_token(self) -> float:
+        bandwidth, latency = self.link
+        if self.cp == 1:
+            return 0.0
+        return self.decode_calls_per_token * latency + self.decode_wire_bytes_per_token / bandwidth
+
+    @property
+    def prefill_comm_seconds(self) -> float:
+        """The ring's wire time for the whole prompt of ``context_len`` tokens (latency not counted:
+        each hop is one send of a big block)."""
+        return 0.0 if self.cp == 1 else self.context_len * self.prefill_wire_bytes_per_token / self.link[0]
+
+
+def context_parallel_cost(model: ModelSpec, hardware: Hardware, cp: int, context_len: int, *, tp: int = 1,
+                          dtype: str = "bf16", kv_cache_dtype: str | None = None) -> ContextParallelCost:
+    """Memory and traffic of one sequence of ``context_len`` tokens spread by token over ``cp`` GPUs,
+    each holding ``H / tp`` query heads and ``K_gpu`` KV heads (`kv_heads_per_gpu`) of every layer.
+    With ``e = 2 L K_gpu h b_kv`` the KV bytes of one token on its GPU, ``b`` the activations' bytes
+    per element and ``H_gpu = H / tp``, one GPU of the group:
+
+    * holds ``ceil(C / cp) * e`` bytes of the sequence's KV cache;
+    * **prefill, ring attention passing KV** (what ``cp`` means in `plan_layout`): every GPU holds
+      ``C / cp`` of the prompt's tokens and passes its K/V block to the next GPU ``cp - 1`` times per
+      layer, so it sends ``(cp - 1) / cp * e`` bytes per prompt token; a block's send hides behind the
+      attention of the block before it when a GPU's block has at least
+      ``K_gpu * b_kv * F / (2 * H_gpu * B)`` tokens (``F`` the GPU's FLOP/s, ``B`` the link's bytes/s
+      one way: ``4 H_gpu h n^2`` FLOPs of attention against ``2 K_gpu h b_kv n`` bytes to send);
+    * **decode context parallel** (vLLM's ``decode_context_parallel_size``, which shards the KV cache
+      by token over GPUs of the TP group that would otherwise hold the same KV heads): the new token's
+      attention runs on every GPU over its own tokens, then per layer an all-gather of the query heads
+      (``(cp - 1) H_gpu h b`` bytes sent), an all-gather of the partial softmax's log-sum-exp in fp32
+      (``(cp - 1) cp H_gpu 4``) and a reduce-scatter of the partial outputs (``(cp - 1) H_gpu h b``):
+      ``L (cp - 1) H_gpu (2 h b + 4 cp)`` bytes and ``3 L`` calls per generated token, whatever ``C``;
+    * passing the KV around the ring for a decode token instead would send the GPU's whole shard
+      ``cp - 1`` times per token: ``(cp - 1) ceil(C / cp) e`` bytes (why decode moves queries, not KV).
+    """
+    for name, value in (("cp", cp), ("tp", tp), ("context_len", context_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
+    kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+    if kv_dtype not in DTYPE_BYTES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+    if cp > 1 and not hardware.interconnect_bandwidth > 0:
+        raise ValueError(f"hardware.interconnect_bandwidth={hardware.interconnect_bandwidth}: {hardware.name} "
+                         f"has no link between devices for cp={cp}")
+    if tp * cp > hardware.node_size and not hardware.network_bandwidth > 0:
+        raise ValueError(f"hardware.network_bandwidth={hardware.network_bandwidth}: tp * cp = {tp * cp} spans "
+                         f"more than a node of {hardware.node_size} {hardware.name}, and there is no network")
+    kv_heads = kv_heads_per_gpu(model, tp)
+    b, b_kv, h, L = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype], model.head_dim, model.num_layers
+    q_heads = model.num_heads // tp
+    e = 2 * L * kv_heads * h * b_kv
+    shard = -(-context_len // cp)
+    link_bandwidth = (hardware.network_bandwidth if tp * cp > hardware.node_size
+                      else hardware.interconnect_bandwidth / 2)
+    hide = (kv_heads * b_kv * hardware.peak_flops(dtype) / (2 * q_heads * link_bandwidth)) if cp > 1 else 0.0
+    return ContextParallelCost(
+        model, hardware, cp, tp, context_len, e,
+        prefill_wire_bytes_per_token=(cp - 1) / cp * e,
+        decode_wire_bytes_per_token=L * (cp - 1) * q_heads * (2 * h * b + 4 * cp),
+        decode_calls_per_token=3 * L if cp > 1 else 0,
+        pass_kv_decode_wire_bytes_per_token=(cp - 1) * shard * e,
+        ring_hide_tokens=hide)
