@@ -64,13 +64,13 @@ bench: $(VENV)/.installed
 # an existing copy is never overwritten. `make reset-exercise N=02` starts one over (keeping a backup).
 # A saved notebook keeps what its lab outputs need to show again when reopened (no "Error displaying
 # widget: model not found"): the venv's JupyterLab saves widget state (overrides.json), and every
-# save goes through minivllm.lab.base.widget_pre_save_hook, which keeps the models that state misses.
+# save goes through minivllm.lab.saved_widgets.widget_pre_save_hook, which keeps the models that state misses.
 COURSE_START := /lab/tree/notebooks/00_why_an_engine.ipynb
 course: $(VENV)/.installed
 	$(PY) -m minivllm.course.workspace
-	$(PY) -c "from minivllm.lab.base import write_lab_overrides; write_lab_overrides()"
+	$(PY) -c "from minivllm.lab.saved_widgets import write_lab_overrides; write_lab_overrides()"
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=$(COURSE_START) \
-		--ContentsManager.pre_save_hook=minivllm.lab.base.widget_pre_save_hook \
+		--ContentsManager.pre_save_hook=minivllm.lab.saved_widgets.widget_pre_save_hook \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS)
 
 reset-exercise: $(VENV)/.installed

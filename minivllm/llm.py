@@ -4,16 +4,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import replace
 from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 
 from minivllm.config.engine import EngineConfig
 from minivllm.engine.data_parallel import DataParallelEngine
-from minivllm.engine.llm_engine import LLMEngine, PromptType
+from minivllm.engine.llm_engine import LLMEngine, PromptType, final_only_requests
 from minivllm.outputs import RequestOutput
-from minivllm.sampling_params import RequestOutputKind, SamplingParams
+from minivllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("minivllm")
 if not logger.handlers:  # like vLLM, say what the engine decided (cache size) unless told otherwise
@@ -65,22 +64,10 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order. All prompts are checked
         before any work starts, so a bad one raises ValueError and leaves the engine untouched."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts={prompts!r} must be a str, a prompt dict, or a non-empty list of them")
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
-                  else list(sampling_params))
-        if len(params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        # one output per request, when it has finished (a streaming server asks for deltas instead)
-        params = [p if not isinstance(p, SamplingParams) or p.output_kind is RequestOutputKind.FINAL_ONLY
-                  else replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
+        pairs = final_only_requests(prompts, sampling_params)
         engine = self.llm_engine
-        ids = [str(next(self._request_counter)) for _ in prompts]
-        requests = [engine.make_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params)]
+        ids = [str(next(self._request_counter)) for _ in pairs]
+        requests = [engine.make_request(rid, p, sp) for rid, (p, sp) in zip(ids, pairs)]
         for seqs in requests:
             engine.add_sequences(seqs)
         outputs: dict[str, RequestOutput] = {}

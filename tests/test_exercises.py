@@ -174,6 +174,21 @@ def test_solutions_mark_their_solution_code():
 
 
 # ---- the sampling check tells right from wrong ---------------------------------------------------
+# ---- what the tests of every check assert -------------------------------------------------------------
+def assert_passes(result: checks.CheckResult, name: str, capsys) -> None:
+    """``result`` passed, and the check printed ``PASS  name`` last."""
+    assert result, str(result)
+    assert capsys.readouterr().out.splitlines()[-1] == f"PASS  {name}"
+
+
+def assert_fails_with(result: checks.CheckResult, words: str, name: str, capsys) -> None:
+    """``result`` failed at a case whose words begin with ``words``, and the check printed ``FAIL  name: ...``
+    last."""
+    assert not result
+    assert result.failure.startswith(words), result.failure
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"FAIL  {name}: ")
+
+
 def make_sampler(ignore_temperature=False, ignore_top_k=False, ignore_top_p=False,
                  top_p_before_temperature=False, top_p_before_top_k=False, first_row_params=False,
                  sorted_ids=False, always_greedy=False, no_generator=False):
@@ -214,8 +229,7 @@ def make_sampler(ignore_temperature=False, ignore_top_k=False, ignore_top_p=Fals
 
 def test_check_passes_a_second_correct_implementation(capsys):
     result = checks.check_sampling(make_sampler())
-    assert result, str(result)
-    assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_sampling"
+    assert_passes(result, "check_sampling", capsys)
 
 
 @pytest.mark.parametrize("flaw,words", [
@@ -397,8 +411,7 @@ class LeavesOutFree(BlockManagerBase):
 
 def test_block_manager_check_passes_the_engines_own(capsys):
     result = checks.check_block_manager(BlockManager)
-    assert result, str(result)
-    assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_block_manager"
+    assert_passes(result, "check_block_manager", capsys)
 
 
 @pytest.mark.parametrize("flawed,words", [
@@ -417,9 +430,7 @@ def test_block_manager_check_passes_the_engines_own(capsys):
 ])
 def test_block_manager_check_rejects_a_flawed_manager(flawed, words, capsys):
     result = checks.check_block_manager(flawed)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_block_manager: ")
+    assert_fails_with(result, words, "check_block_manager", capsys)
 
 
 def test_block_manager_check_reports_a_token_mismatch():
@@ -521,8 +532,7 @@ class RaisesOnAdmission(ContinuousBatching):
 
 def test_policy_check_passes_the_engines_own(capsys):
     result = checks.check_scheduling_policy(ContinuousBatching())
-    assert result, str(result)
-    assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_scheduling_policy"
+    assert_passes(result, "check_scheduling_policy", capsys)
 
 
 @pytest.mark.parametrize("flawed,words", [
@@ -540,9 +550,7 @@ def test_policy_check_passes_the_engines_own(capsys):
 ])
 def test_policy_check_rejects_a_flawed_policy(flawed, words, capsys):
     result = checks.check_scheduling_policy(flawed)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_scheduling_policy: ")
+    assert_fails_with(result, words, "check_scheduling_policy", capsys)
 
 
 def test_policy_reference_tokens_match_a_plain_engine():
@@ -612,8 +620,7 @@ def test_rejection_check_passes_the_engines_own_and_a_second_implementation(caps
 
     for verify in (rejection_sample, make_verifier()):
         result = checks.check_rejection_sampler(verify)
-        assert result, str(result)
-        assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_rejection_sampler"
+        assert_passes(result, "check_rejection_sampler", capsys)
 
 
 DISTRIBUTION = ("draft_probs=q (a draft model), q = [[0.25, 0.2, 0.2, 0.15, 0.1, 0.1], [0.3, 0.05, 0.05, 0.4, 0.1, "
@@ -749,9 +756,7 @@ def forward_using_a_notebook_name(self, x):
 ])
 def test_row_parallel_check_rejects_a_flawed_layer(forward, shard, words, capsys):
     result = checks.check_row_parallel_linear(forward, shard)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_row_parallel_linear: ")
+    assert_fails_with(result, words, "check_row_parallel_linear", capsys)
 
 
 # Each flawed detokenizer breaks one rule of exercise 11.
@@ -801,9 +806,7 @@ class ForgetsTheText(IncrementalDetokenizer):
 ])
 def test_detokenizer_check_rejects_a_flawed_detokenizer(flawed, words, capsys):
     result = checks.check_detokenizer(flawed)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  the incremental detokenizer: ")
+    assert_fails_with(result, words, "the incremental detokenizer", capsys)
 
 
 def test_the_engine_refuses_a_detokenizer_class_that_is_not_one(tmp_path):
@@ -860,9 +863,7 @@ SLO_CASE = "meets_slo(rate) = rate <= {}, bracket (1, 100), tol 0.5: "
 ])
 def test_09_slo_search_check_rejects_a_flawed_search(flaw, words, capsys):
     result = checks.check_slo_search(make_rate_search(**{flaw: True}))
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  the SLO-aware rate search: ")
+    assert_fails_with(result, words, "the SLO-aware rate search", capsys)
 
 
 @pytest.mark.parametrize("returned,words", [
@@ -992,8 +993,7 @@ class RegistersTokensTwice(RadixBlockManager):
 def test_radix_tree_check_passes_the_engines_own_and_a_breadth_first_match(capsys):
     for cls in (RadixBlockManager, BreadthFirstMatch):
         result = checks.check_radix_tree(cls)
-        assert result, str(result)
-        assert capsys.readouterr().out.splitlines()[-1] == "PASS  check_radix_tree"
+        assert_passes(result, "check_radix_tree", capsys)
 
 
 def test_radix_tree_workloads_reach_every_path():
@@ -1019,9 +1019,7 @@ def test_radix_tree_workloads_reach_every_path():
 ])
 def test_radix_tree_check_rejects_a_flawed_tree(flawed, words, capsys):
     result = checks.check_radix_tree(flawed)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_radix_tree: ")
+    assert_fails_with(result, words, "check_radix_tree", capsys)
 
 
 def test_radix_tree_check_names_the_learners_method():
@@ -1164,9 +1162,7 @@ def load_counting_one_layer(self, load):
 ])
 def test_10_kv_receiver_check_rejects_a_flawed_receiver(plan, load, words, capsys):
     result = checks.check_kv_receiver(plan, load)
-    assert not result
-    assert result.failure.startswith(words), result.failure
-    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL  check_kv_receiver: ")
+    assert_fails_with(result, words, "check_kv_receiver", capsys)
 
 
 def test_10_kv_receiver_check_refuses_what_is_not_a_function():

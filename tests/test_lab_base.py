@@ -191,7 +191,7 @@ def test_the_mimebundle_carries_the_view_for_a_frontend_without_the_model():
 def test_write_lab_overrides_turns_on_saving_widget_state(tmp_path):
     import json
 
-    from minivllm.lab.base import write_lab_overrides
+    from minivllm.lab.saved_widgets import write_lab_overrides
 
     path = write_lab_overrides(str(tmp_path))
     assert path == str(tmp_path / "share" / "jupyter" / "lab" / "settings" / "overrides.json")
@@ -227,9 +227,9 @@ def test_the_pre_save_hook_in_a_real_contents_manager(tmp_path):
 
     from jupyter_server.services.contents.filemanager import FileContentsManager
 
-    from minivllm.lab.base import WIDGET_VIEW, widget_pre_save_hook
+    from minivllm.lab.saved_widgets import WIDGET_VIEW, widget_pre_save_hook
 
-    cm = FileContentsManager(root_dir=str(tmp_path), pre_save_hook="minivllm.lab.base.widget_pre_save_hook")
+    cm = FileContentsManager(root_dir=str(tmp_path), pre_save_hook="minivllm.lab.saved_widgets.widget_pre_save_hook")
 
     def save(nb):
         cm.save({"type": "notebook", "format": "json", "content": nb}, "ch.ipynb")

@@ -38,6 +38,7 @@ from minivllm.core.sequence import Sequence
 from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord, StepRecorder
 from minivllm.sampling_params import SamplingParams
+from minivllm.sim.simulator import collector_paused as sim_collector_paused
 
 DRIVERS = ("engine", "sim")
 SIM_SETTINGS = dict(block_size=16, num_blocks=16384, max_num_seqs=256, max_num_batched_tokens=2048,
@@ -116,12 +117,11 @@ def compare(workload: str, driver: str = "sim", size: str = "small", seed: int =
 
 
 class CoreTimer:
-    """Times a scheduler's ``schedule``, ``update`` and ``finish`` (the core's bookkeeping) and counts
-    the K/V copies it asks for, by wrapping them on the instance. CPU time of this thread: other
-    processes on a shared machine do not count."""
+    """Times a scheduler's ``schedule``, ``update`` and ``finish`` (the core's bookkeeping) by wrapping
+    them on the instance. CPU time of this thread: other processes on a shared machine do not count."""
 
     def __init__(self, scheduler: Scheduler):
-        self.seconds, self.copies = 0.0, 0
+        self.seconds = 0.0
         for name in ("schedule", "update", "finish"):
             setattr(scheduler, name, self._timed(getattr(scheduler, name)))
 
@@ -130,22 +130,18 @@ class CoreTimer:
             start = time.thread_time()
             result = method(*args, **kwargs)
             self.seconds += time.thread_time() - start
-            if isinstance(result, SchedulerOutput):
-                self.copies += len(result.kv_copies)
             return result
         return timed
 
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """No garbage collection while a run is timed (the simulator pauses it too): a collection
-    landing in one run and not the other would swamp a few milliseconds of bookkeeping."""
+    """No garbage collection while a run is timed, as in the simulator, after a collection of what
+    came before: a collection landing in one run and not the other would swamp a few milliseconds of
+    bookkeeping."""
     gc.collect()
-    gc.disable()
-    try:
+    with sim_collector_paused():
         yield
-    finally:
-        gc.enable()
 
 
 def summarize(kind: str, seqs: list[Sequence], trace: list[StepRecord], timer: CoreTimer,
@@ -153,7 +149,8 @@ def summarize(kind: str, seqs: list[Sequence], trace: list[StepRecord], timer: C
     return PrefixCacheRun(
         kind, prompt_tokens=sum(s.num_prompt_tokens for s in seqs),
         cached_tokens=sum(s.num_cached_tokens or 0 for s in seqs),
-        prefill_tokens=sum(r.num_prefill_tokens for r in trace), kv_copies=timer.copies, steps=len(trace),
+        prefill_tokens=sum(r.num_prefill_tokens for r in trace), kv_copies=sum(len(r.kv_copies) for r in trace),
+        steps=len(trace),
         scheduled_tokens=sum(r.num_batched_tokens for r in trace), bookkeeping_s=timer.seconds, time_s=time_s)
 
 

@@ -201,6 +201,26 @@ class BlockManagerBase(abc.ABC):
                 unheld.append(block_id)
         self._queue_free(unheld)
 
+    def share_blocks(self, seq: Sequence, block_ids: list[int]) -> None:
+        """Append the cache hits ``block_ids`` to ``seq``'s block table, each with one more reference
+        (a free one revived first), and record them as hits."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.revive_block(block_id)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        self.events.cache_hits.extend(block_ids)
+
+    def grow_table(self, seq: Sequence, num_tokens: int) -> None:
+        """Append fresh blocks, one reference each, until ``seq``'s block table covers ``num_tokens``
+        tokens."""
+        missing = -(-num_tokens // self.block_size) - len(seq.block_table)  # blocks_needed, inlined: every step
+        if missing > 0:
+            for block_id in self.pop_free_blocks(missing):
+                self.blocks[block_id].ref_count = 1
+                seq.block_table.append(block_id)
+
     def push_free_block(self, block_id: int) -> None:
         """Queue a block whose ref_count fell to 0 (evicted last); a cached one stays hittable."""
         if block_id in self.free_queue:
@@ -297,23 +317,13 @@ class BlockManager(BlockManagerBase):
 
     def allocate(self, seq: Sequence, cached_blocks: list[int]) -> None:
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
-        for block_id in cached_blocks:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self.revive_block(block_id)
-            block.ref_count += 1
-            seq.block_table.append(block_id)
-        self.events.cache_hits.extend(cached_blocks)
+        self.share_blocks(seq, cached_blocks)
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        missing = -(-end // self.block_size) - len(seq.block_table)
-        if missing > 0:
-            for block_id in self.pop_free_blocks(missing):
-                self.blocks[block_id].ref_count = 1
-                seq.block_table.append(block_id)
+        self.grow_table(seq, end)
         # hash the blocks that fill, if any (slots past the known tokens hold draft tokens: not yet)
         if self.enable_prefix_caching and end // self.block_size > start // self.block_size:
             self._register_full_blocks(seq, min(end, len(seq.token_ids)))

@@ -4,7 +4,7 @@ Pure Python (stdlib json only), so the real engine (``LLMEngine.trace``, wall-cl
 simulator (``SimResult.trace``, virtual seconds) export the same way. What it draws:
 
 * process "<name> engine": the thread "engine steps", one slice ``step N`` per `StepRecord` (its
-  tokens, requests, preemptions, finishes, block events and draft tokens in ``args``), and counters
+  tokens, requests, preemptions, finishes, block events, draft tokens and K/V copies in ``args``), and counters
   sampled at each step's end (the state the record describes): ``KV blocks`` (used, free,
   cached_free) and ``requests`` (running, waiting).
 * process "<name> requests": a thread per request id, in order of first appearance, with the slices
@@ -14,7 +14,7 @@ simulator (``SimResult.trace``, virtual seconds) export the same way. What it dr
   steps in consecutive trace steps merged into one slice, so a long generation stays one readable
   bar; ``steps``, ``tokens`` computed, ``sampled`` tokens emitted, drafts), ``preempted`` (from the
   start of the step that preempted it to the start of the step it runs again, or the trace's end),
-  and an instant ``finished`` with its ``reason``. An abort happens between steps: the engine lists
+  and an instant ``finished`` with its ``reason``. An abort happens between steps: the scheduler lists
   it in the next step's record (reason ``abort``), so its instant sits at that step's end.
 
 Times are microseconds from the trace's origin: the first step's start, or the earliest given
@@ -105,6 +105,8 @@ def _step_events(rec: StepRecord, clock: _Clock) -> list[dict]:
             "blocks_cache_hit": len(rec.blocks_cache_hit), "blocks_evicted": len(rec.blocks_evicted)}
     if rec.num_draft_tokens:
         args.update(draft_tokens=rec.num_draft_tokens, accepted_tokens=rec.num_accepted_tokens)
+    if rec.kv_copies:
+        args.update(kv_copies=len(rec.kv_copies))
     ts, dur = clock.span(rec.start_time, rec.end_time)
     end = clock.us(rec.end_time)
     # a hand-made record may have no block snapshot, and so no pool size to count used blocks from

@@ -123,14 +123,7 @@ class RadixBlockManager(BlockManagerBase):
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         bs = self.block_size
         num_cached = self.cached_prefix_tokens(seq, cached_blocks)
-        shared = cached_blocks[:num_cached // bs]
-        for block_id in shared:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self.revive_block(block_id)
-            block.ref_count += 1
-            seq.block_table.append(block_id)
-        self.events.cache_hits.extend(shared)
+        self.share_blocks(seq, cached_blocks[:num_cached // bs])  # a partly matched last block is copied
         if num_cached % bs:
             self._copy_partial(seq, cached_blocks[-1], num_cached % bs)
         seq.num_computed_tokens = num_cached
@@ -150,11 +143,7 @@ class RadixBlockManager(BlockManagerBase):
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        missing = self.blocks_needed(end) - len(seq.block_table)
-        if missing > 0:
-            for block_id in self.pop_free_blocks(missing):
-                self.blocks[block_id].ref_count = 1
-                seq.block_table.append(block_id)
+        self.grow_table(seq, end)
         if not self.enable_prefix_caching:
             return
         stop = min(end, seq.num_tokens)  # slots past the known tokens hold draft tokens: not yet

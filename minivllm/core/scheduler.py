@@ -94,6 +94,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest arrival first; preemption takes from the end
+        self._finished: list[Sequence] = []  # ended since the last step closed (`take_finished`)
 
     # ---- queue management ----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -112,6 +113,14 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._finished.append(seq)
+
+    def take_finished(self) -> list[Sequence]:
+        """The requests ended since the last call, in order: a step's record lists them, so one
+        aborted between steps shows in the next step's record (its blocks' return among its freed
+        blocks)."""
+        finished, self._finished = self._finished, []
+        return finished
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

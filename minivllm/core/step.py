@@ -19,10 +19,11 @@ def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Seq
     """Schedule one step, ``execute`` it (returns the token sampled for each chunk that samples,
     or with speculative decoding the list of tokens it emits), apply ``check_stop`` (sets
     ``finish_reason`` and returns True to end a request) to every new token in order, and free the
-    finished requests. Returns the step's record, written by the driver's ``recorder``, and the
-    finished requests. A step that schedules nothing while requests wait is a bug, unless
-    ``allow_empty``: blocks held outside the scheduler (a P/D decode instance's KV still on the wire)
-    may leave it nothing to run until they arrive."""
+    finished requests. Returns the step's record, written by the driver's ``recorder`` (its finished
+    requests include those aborted since the last step), and the requests this step finished. A step
+    that schedules nothing while requests wait is a bug, unless ``allow_empty``: blocks held outside
+    the scheduler (a P/D decode instance's KV still on the wire) may leave it nothing to run until
+    they arrive."""
     if not isinstance(recorder, StepRecorder):
         raise ValueError(f"recorder={recorder!r} must be a StepRecorder")
     start = clock()
@@ -43,7 +44,8 @@ def run_step(scheduler: Scheduler, execute: Callable[[SchedulerOutput], dict[Seq
             finished.append(seq)
     for seq in finished:
         scheduler.finish(seq, seq.finish_reason)
-    record = recorder.record(step, start, now, out, sampled, finished, scheduler.block_manager,
+    # the record lists these and any request ended between steps (an abort)
+    record = recorder.record(step, start, now, out, sampled, scheduler.take_finished(), scheduler.block_manager,
                              scheduler.running, len(scheduler.waiting))
     return record, finished
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from minivllm.core.block_manager import BlockEvents, BlockManager
+from minivllm.core.block_manager import BlockEvents, BlockManager, KVCopy
 from minivllm.core.records import RankComm
 from minivllm.core.scheduler import ScheduledChunk, SchedulerOutput
 from minivllm.core.sequence import Sequence
@@ -59,7 +59,7 @@ class StepRecord:
     end_time: float
     chunks: tuple[ChunkRecord, ...]
     preempted: tuple[str, ...]
-    finished: tuple[tuple[str, str], ...]  # (request_id, finish_reason)
+    finished: tuple[tuple[str, str], ...]  # (request_id, finish_reason); an abort: in the next step's
     blocks_allocated: tuple[int, ...]
     blocks_freed: tuple[int, ...]
     blocks_cache_hit: tuple[int, ...]
@@ -70,6 +70,7 @@ class StepRecord:
     num_waiting: int
     blocks: BlockSnapshot
     comm: tuple[RankComm, ...] = ()  # per rank, the collectives of this step (empty in one process)
+    kv_copies: tuple[KVCopy, ...] = ()  # made before the forward pass (the radix cache's copy-on-write)
 
     @property
     def duration(self) -> float:
@@ -123,7 +124,8 @@ class StepRecorder:
             num_free_blocks=block_manager.num_free_blocks,
             num_cached_free_blocks=block_manager.num_cached_free_blocks,
             num_running=len(running), num_waiting=num_waiting,
-            blocks=self.snapshot_blocks(block_manager, running, events.freed))
+            blocks=self.snapshot_blocks(block_manager, running, events.freed),
+            kv_copies=tuple(out.kv_copies))
 
     def snapshot_blocks(self, block_manager: BlockManager, running: list[Sequence],
                         freed: list[int]) -> BlockSnapshot:

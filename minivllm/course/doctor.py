@@ -207,17 +207,6 @@ def threads_line(what: str, all_threads: float, one_thread: float, threads: int,
     return Line("PASS", what, detail)
 
 
-def with_threads(threads: int, measure):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return measure()
-    finally:
-        torch.set_num_threads(before)
-
-
 def matmul_gflops(n: int = 512, seconds: float = 0.25) -> float:
     import torch
 
@@ -235,9 +224,15 @@ def speed_lines(what: str, measure, reference: float, unit: str) -> list[Line]:
     whether the threads help."""
     import torch
 
+    from minivllm.course.checks.base import torch_threads
+
     threads = torch.get_num_threads()
     all_threads = measure()
-    one_thread = with_threads(1, measure) if threads > 1 else all_threads
+    if threads > 1:
+        with torch_threads(1):
+            one_thread = measure()
+    else:
+        one_thread = all_threads
     return [speed_line(what, max(all_threads, one_thread), reference, unit),
             threads_line(f"{what.split()[0]} threads", all_threads, one_thread, threads, unit)]
 

@@ -25,9 +25,10 @@ from minivllm.disagg.config import (bytes_per_token, check_pair, instance_settin
                                     resolve_kv_transfer_backend)
 from minivllm.disagg.instance import DecodeArrival, PrefillResult, run_instance
 from minivllm.disagg.records import KVTransfer
+from minivllm.engine.llm_engine import final_only_requests
 from minivllm.executor.multiproc import free_port, shutdown_workers
 from minivllm.outputs import RequestMetrics, RequestOutput
-from minivllm.sampling_params import RequestOutputKind, SamplingParams
+from minivllm.sampling_params import SamplingParams
 
 ROLES = ("prefill", "decode")
 
@@ -109,23 +110,14 @@ class DisaggregatedLLM:
         """Like `LLM.generate`; the outputs also carry this call's ``transfers``. Every request is
         checked by both instances before any starts (ValueError). ``n`` must be 1; a seeded random
         sample draws its first token and the rest from two generators, so it differs from `LLM`'s."""
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts={prompts!r} must be a str, a prompt dict, or a non-empty list of them")
-        sampling_params = SamplingParams() if sampling_params is None else sampling_params
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        for p in params:
+        requests = final_only_requests(prompts, sampling_params)
+        for _, p in requests:
             if isinstance(p, SamplingParams) and p.n != 1:
                 raise ValueError(f"n={p.n} is not supported in disaggregated serving: use n=1")
-        params = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY) if isinstance(p, SamplingParams) else p
-                  for p in params]
-        requests = list(zip(prompts, params))
         for reply in self._exchange({role: ("check", requests) for role in ROLES}).values():
             if reply[0] == "invalid":
                 raise ValueError(reply[1])
-        ids = [str(next(self._request_counter)) for _ in prompts]  # ints: the K/V header carries them
+        ids = [str(next(self._request_counter)) for _ in requests]  # ints: the K/V header carries them
         return self._run(ids, requests, use_tqdm)
 
     def _run(self, ids: list[str], requests: list[tuple], use_tqdm: bool) -> DisaggregatedOutputs:

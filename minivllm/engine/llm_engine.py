@@ -28,6 +28,26 @@ logger = logging.getLogger("minivllm")
 PromptType = Union[str, dict]
 
 
+def final_only_requests(prompts: PromptType | list[PromptType],
+                        sampling_params: SamplingParams | list[SamplingParams] | None) -> list[tuple]:
+    """An offline ``generate``'s arguments (`LLM`'s, `DisaggregatedLLM`'s) as one ``(prompt, params)``
+    pair per prompt, each request asking for one output, when it has finished (a streaming server
+    asks for deltas instead). ValueError if the shapes do not match; the engine checks the rest."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts={prompts!r} must be a str, a prompt dict, or a non-empty list of them")
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+              else list(sampling_params))
+    if len(params) != len(prompts):
+        raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+    params = [p if not isinstance(p, SamplingParams) or p.output_kind is RequestOutputKind.FINAL_ONLY
+              else replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
+    return list(zip(prompts, params))
+
+
 class LLMEngine:
     """Requests in, one scheduled step at a time. ``trace`` holds a `StepRecord` per step."""
 
@@ -62,7 +82,6 @@ class LLMEngine:
         self.parents: dict[str, list[Sequence]] = {}  # the samples of each request with n > 1, by its id
         self.streams: dict[str, SampleStream] = {}  # each sample's text, until its request's last output
         self._stepped: dict[Sequence, None] = {}  # the samples _check_stop saw a token of this step, in order
-        self._aborted: list[str] = []  # since the last step
         self._structured_output: StructuredOutputManager | None = None
         self.trace: list[StepRecord] = []  # every step's record (a server keeps only the last ones)
         self.num_steps = 0
@@ -186,8 +205,7 @@ class LLMEngine:
                 if seq is not None and seq.request_id in self.requests:
                     self.scheduler.finish(seq, "abort")
                     self._release(seq)
-                    aborted.append(seq)
-                    self._aborted.append(seq.request_id)
+                    aborted.append(seq)  # the next step's record lists it (Scheduler.take_finished)
         return self._outputs(aborted)
 
     def has_unfinished_requests(self) -> bool:
@@ -202,10 +220,6 @@ class LLMEngine:
         record, finished = run_step(self.scheduler, self._execute, time.time,
                                     self._check_stop, self.num_steps, self.recorder)
         self.num_steps += 1
-        if self._aborted:  # aborted between steps: the record of the next step says so (their blocks'
-            # return is among its freed blocks)
-            record = replace(record, finished=tuple((rid, "abort") for rid in self._aborted) + record.finished)
-            self._aborted = []
         if record.chunks:
             if self.executor.last_comm:  # worker processes: their collectives in this step
                 record = replace(record, comm=self.executor.last_comm)

@@ -11,6 +11,7 @@ COURSE_MODEL_NAME = "minivllm/course-target"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``engine_args`` holds the engine arguments it sets (as `LLM`'s)."""
     p = argparse.ArgumentParser(prog="minivllm serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="a checkpoint folder (default: the course's target model)")
@@ -21,21 +22,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-trace-steps", type=int, default=10_000,
                    help="the engine's step trace keeps this many of the last steps (memory stays bounded)")
     engine = p.add_argument_group("engine arguments (as LLM's)")
-    for flag, kind in (("--dtype", str), ("--seed", int), ("--max-model-len", int), ("--max-num-seqs", int),
-                       ("--max-num-batched-tokens", int), ("--block-size", int), ("--num-kv-blocks", int),
-                       ("--kv-cache-memory", int), ("--gpu-memory-utilization", float),
-                       ("--tensor-parallel-size", int), ("--pipeline-parallel-size", int),
-                       ("--data-parallel-size", int)):
-        engine.add_argument(flag, type=kind, default=None)
-    engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
-    engine.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                        default=None)
-    return p.parse_args(argv)
-
-
-ENGINE_ARGS = ("dtype", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-               "num_kv_blocks", "kv_cache_memory", "gpu_memory_utilization", "tensor_parallel_size",
-               "pipeline_parallel_size", "data_parallel_size", "enable_prefix_caching", "enable_chunked_prefill")
+    actions = [engine.add_argument(flag, type=kind, default=None) for flag, kind in (
+        ("--dtype", str), ("--seed", int), ("--max-model-len", int), ("--max-num-seqs", int),
+        ("--max-num-batched-tokens", int), ("--block-size", int), ("--num-kv-blocks", int),
+        ("--kv-cache-memory", int), ("--gpu-memory-utilization", float), ("--tensor-parallel-size", int),
+        ("--pipeline-parallel-size", int), ("--data-parallel-size", int))]
+    actions += [engine.add_argument(f"--no-{dest.replace('_', '-')}", dest=dest, action="store_false", default=None)
+                for dest in ("enable_prefix_caching", "enable_chunked_prefill")]
+    args = p.parse_args(argv)
+    args.engine_args = {a.dest: getattr(args, a.dest) for a in actions if getattr(args, a.dest) is not None}
+    return args
 
 
 def serve(argv: list[str] | None = None) -> None:
@@ -49,8 +45,7 @@ def serve(argv: list[str] | None = None) -> None:
     if model is None:
         from minivllm import course
         model = course.model_path("target")
-    engine_args = {k: getattr(args, k) for k in ENGINE_ARGS if getattr(args, k) is not None}
-    llm = AsyncLLM.from_args(model, max_trace_steps=args.max_trace_steps, **engine_args)
+    llm = AsyncLLM.from_args(model, max_trace_steps=args.max_trace_steps, **args.engine_args)
     name = args.served_model_name or args.model or COURSE_MODEL_NAME
     try:
         uvicorn.run(build_app(llm, name, args.api_key), host=args.host, port=args.port, log_level="info")

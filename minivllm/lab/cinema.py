@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from minivllm.core.trace import StepRecord
-from minivllm.lab.base import Lab, LabError, html_table
+from minivllm.lab.base import WHOLE_DESCRIPTION, Lab, LabError, html_table
 
 MAX_DRAWN_BLOCKS = 512  # a bigger grid is unreadable (and slow to draw); build the engine with num_kv_blocks
 
@@ -118,7 +118,6 @@ class Cinema:
         _check_start(trace)
         self._start(trace[0].blocks.num_blocks, trace[0].blocks.block_size)
         self.extend(trace)
-        self.frame_index = 0
 
     def _start(self, num_blocks: int, block_size: int) -> None:
         _check_drawable(num_blocks)
@@ -253,13 +252,13 @@ class CinemaLab(Lab):
         fig = Figure(figsize=(0.55 * cols + 1.5, 0.55 * rows + 1.0))
         ax = fig.add_subplot()
         owner: dict[int, str] = {}  # a shared block takes the colour of its oldest holder
-        request_ids = f.record.blocks.request_ids if f is not None else ()
+        request_ids, fill, rank = (), [0] * num_blocks, {}  # before the first step: every block empty
         if f is not None:
-            for rid, table in zip(f.record.blocks.request_ids, f.record.blocks.block_tables):
+            request_ids, fill = f.record.blocks.request_ids, f.block_fill()
+            rank = {b: i + 1 for i, b in enumerate(f.eviction_order())}
+            for rid, table in zip(request_ids, f.record.blocks.block_tables):
                 for b in table:
                     owner.setdefault(b, rid)
-        fill = f.block_fill() if f is not None else [0] * num_blocks
-        rank = {b: i + 1 for i, b in enumerate(f.eviction_order())} if f is not None else {}
         for b in range(num_blocks):
             x, y = b % cols, rows - 1 - b // cols
             ax.add_patch(Rectangle((x, y), 0.92, 0.92, facecolor="#e6e6e6", edgecolor="#b0b0b0", lw=0.8))
@@ -401,7 +400,7 @@ class LiveCinemaLab(CinemaLab):
         self.state = LiveCinema(model, num_kv_blocks=num_kv_blocks, block_size=block_size,
                                 enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed)
-        wide = {"style": {"description_width": "initial"}}
+        wide = {"style": WHOLE_DESCRIPTION}
         self.num_kv_blocks = widgets.IntText(value=self.state.num_blocks, description="num_kv_blocks",
                                              layout=widgets.Layout(width="180px"), **wide)
         self.block_size = widgets.Dropdown(options=sorted({1, 2, 4, 8, 16, 32, self.state.block_size}),
@@ -417,20 +416,16 @@ class LiveCinemaLab(CinemaLab):
                                                **wide)
         self.add_button = widgets.Button(description="add request")
         self._last_request = (prompt_len, max_tokens, shared_prefix)
-        rows = [[self.on_change(self.num_kv_blocks, lambda n: self._rebuild(num_kv_blocks=n)),
-                 self.on_change(self.block_size, lambda b: self._rebuild(block_size=b)),
-                 self.on_change(self.prefix_caching, lambda on: self._rebuild(enable_prefix_caching=on)),
-                 self.on_click(self.reset_button, self._rebuild)],
+        rows = [[self.on_change(self.num_kv_blocks, lambda n: self.state.rebuild(num_kv_blocks=n)),
+                 self.on_change(self.block_size, lambda b: self.state.rebuild(block_size=b)),
+                 self.on_change(self.prefix_caching, lambda on: self.state.rebuild(enable_prefix_caching=on)),
+                 self.on_click(self.reset_button, self.state.rebuild)],
                 [self.prompt_len, self.shared_prefix, self.max_tokens,
                  self.on_click(self.add_button, self._add_from_controls)]]
         rows += self._player_rows(interval_ms, self.state.step)
         Lab.__init__(self, rows, figure=True)
 
     # ---- actions -------------------------------------------------------------------------------
-    def _rebuild(self, **changes) -> None:
-        self.state.rebuild(**changes)
-        self._follow()
-
     def _add_from_controls(self) -> None:
         """Add the request the controls describe; a refused one puts them back to the last request
         added (or the lab's first), never holding what the engine refused."""
@@ -443,15 +438,12 @@ class LiveCinemaLab(CinemaLab):
         self._last_request = (self.prompt_len.value, self.max_tokens.value, self.shared_prefix.value)
 
     def refresh(self) -> None:
-        if hasattr(self, "play"):  # the frame controls follow the state (the last step's frame)
-            self._follow()
-        super().refresh()
-
-    def _follow(self) -> None:
+        """The frame controls follow the state (a step shows its frame; a new engine has none), then the view."""
         st, last = self.state, max(len(self.state.frames) - 1, 0)
         self.sync(self.slider, max=last, value=st.frame_index)
         self.sync(self.play, max=last, value=st.frame_index)
         self.sync(self.request, options=tuple(st.request_ids), value=st.selected)
+        super().refresh()
 
     # ---- from code ---------------------------------------------------------------------------
     def add(self, prompt_len: int, max_tokens: int, shared_prefix: int = 0) -> None:

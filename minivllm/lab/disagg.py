@@ -23,14 +23,14 @@ import ipywidgets as widgets
 import numpy as np
 from matplotlib.figure import Figure
 
-from minivllm.lab.base import WIDE, Lab, LabError
+from minivllm.lab.base import WIDE, LabError
 from minivllm.lab.batching import metrics_html
-from minivllm.lab.experiment import SimExperiment
+from minivllm.lab.experiment import SettingsLab, SimExperiment, SLOSettings, knob_grid, slo_controls, unjudged
 from minivllm.sim import HARDWARE, MODELS, Simulator, get_hardware, get_model, request_timelines
 from minivllm.sim.disagg import FIRST_TOKEN_SIDES, DisaggConfig, DisaggResult, DisaggSimulator, PoolConfig
 from minivllm.sim.disagg_eval import (DisaggSummary, PDVerdict, best_split, colocated_config,
                                       colocated_vs_disaggregated, pd_verdict, summarize_disagg)
-from minivllm.sim.evaluation import PercentileSLO, RunSummary, summarize_run
+from minivllm.sim.evaluation import RunSummary, summarize_run
 from minivllm.sim.kv_transfer import LINK_NAMES
 from minivllm.sim.presets import TUNING_PRESETS
 from minivllm.sim.simulator import SimConfig, SimResult
@@ -41,7 +41,7 @@ PRESETS = tuple(name for name, p in TUNING_PRESETS.items() if np.isfinite(p.requ
 
 
 @dataclass(frozen=True)
-class DisaggSettings:
+class DisaggSettings(SLOSettings):
     model: str = "Llama-3.1-8B"
     hardware: str = "H100-SXM"
     prefill_instances: int = 2
@@ -60,10 +60,6 @@ class DisaggSettings:
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 15.0
     slo_percentile: float = 90.0
-
-    @property
-    def slo(self) -> PercentileSLO:
-        return PercentileSLO(ttft=self.ttft_slo_ms / 1e3, tpot=self.tpot_slo_ms / 1e3, percentile=self.slo_percentile)
 
     @property
     def engine_args(self) -> dict:
@@ -86,7 +82,6 @@ class DisaggSettings:
 
 
 JUDGING = ("ttft_slo_ms", "tpot_slo_ms", "slo_percentile")  # changing these re-reads the last runs
-_DEFAULTS = DisaggSettings()
 
 
 @dataclass(frozen=True)
@@ -110,13 +105,13 @@ def simulate(settings: DisaggSettings) -> DisaggRun:
     """Both deployments on the settings' workload (reusing the last runs when only the SLO changed);
     a setting the simulator refuses raises its ValueError."""
     slo = settings.slo  # checks the targets before the simulations
-    colocated, disagg = _simulated(replace(settings, **{name: getattr(_DEFAULTS, name) for name in JUDGING}))
+    colocated, disagg = _simulated(unjudged(settings, JUDGING))
     col = summarize_run(colocated, slo, settings.request_rate)
     dis = summarize_disagg(disagg, slo, settings.request_rate)
     return DisaggRun(settings, colocated, disagg, col, dis, pd_verdict(col, dis))
 
 
-class DisaggLab(Lab):
+class DisaggLab(SettingsLab):
     """Two pools, a link, a workload and an SLO in; both deployments' latencies, goodput, the KV
     handoff and the verdict out."""
 
@@ -138,41 +133,15 @@ class DisaggLab(Lab):
         self.preset = widgets.Dropdown(options=PRESETS, value=s.preset, description="workload", **WIDE)
         self.rate = widgets.FloatLogSlider(value=s.request_rate, base=2, min=-2, max=9, step=0.25,
                                            description="req/s", **WIDE)
-        self.ttft = widgets.FloatLogSlider(value=s.ttft_slo_ms, base=10, min=1, max=5, step=0.1,
-                                           description="TTFT target (ms)", **WIDE)
-        self.tpot = widgets.FloatLogSlider(value=s.tpot_slo_ms, base=10, min=0, max=3, step=0.1,
-                                           description="TPOT target (ms)", **WIDE)
-        self.percentile = widgets.Dropdown(options=[50.0, 90.0, 95.0, 99.0], value=s.slo_percentile,
-                                           description="SLO percentile", **WIDE)
+        self.ttft, self.tpot, self.percentile = slo_controls(s)
         self.knobs = {"model": self.model, "hardware": self.hardware, "prefill_instances": self.prefill_instances,
                       "prefill_tp": self.prefill_tp, "decode_instances": self.decode_instances,
                       "decode_tp": self.decode_tp, "link": self.link, "layer_pipelined": self.pipelined,
                       "first_token": self.first_token, "max_num_batched_tokens": self.budget, "preset": self.preset,
                       "request_rate": self.rate, "ttft_slo_ms": self.ttft, "tpot_slo_ms": self.tpot,
                       "slo_percentile": self.percentile}
-        for name, w in self.knobs.items():
-            self.on_change(w, lambda v, name=name: self._update(**{name: v}))
-        super().__init__(list(self.knobs.values()), figure=True)
-        self.widget.children = (widgets.GridBox(list(self.knobs.values()), layout=widgets.Layout(
-            grid_template_columns="repeat(3, 330px)")), *self.widget.children[1:])
-
-    def set(self, **changes) -> bool:
-        """Apply several settings at once from code (``lab.set(prefill_instances=3, decode_instances=1)``:
-        one run of each deployment), as the controls do: a refused setting shows its message and changes
-        nothing. Returns whether it was accepted."""
-        return self.apply(lambda: self._update(**changes))
-
-    def _update(self, **changes) -> None:
-        """Apply ``changes`` to the settings; a refused setting raises `LabError` and changes nothing."""
-        self.state.update(**changes)
-        s = self.state.settings
-        self._restoring = True  # show the settings in effect without acting on them again
-        try:
-            for name, w in self.knobs.items():
-                if w.value != getattr(s, name):
-                    w.value = getattr(s, name)
-        finally:
-            self._restoring = False
+        super().__init__(figure=True)
+        self.widget.children = (knob_grid(list(self.knobs.values())), *self.widget.children[1:])
 
     # ---- view ----------------------------------------------------------------------------------
     def render(self) -> str:

@@ -11,7 +11,7 @@ from dataclasses import replace
 import ipywidgets as widgets
 
 from minivllm.engine.llm_engine import LLMEngine
-from minivllm.lab.base import Lab, LabError, html_table
+from minivllm.lab.base import WHOLE_DESCRIPTION, Lab, LabError, html_table
 from minivllm.sampling_params import SamplingParams
 
 
@@ -69,7 +69,7 @@ class EngineStepperLab(Lab):
         self.add_button = widgets.Button(description="add request")
         self.step_button = widgets.Button(description="step")
         self.num_kv_blocks = widgets.IntText(value=engine.block_manager.num_blocks, description="num_kv_blocks",
-                                             style={"description_width": "initial"},
+                                             style=WHOLE_DESCRIPTION,
                                              layout=widgets.Layout(width="200px"))
         self.reset_button = widgets.Button(description="reset (new engine)")
         self._last_added = (prompt, max_tokens)

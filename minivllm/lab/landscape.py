@@ -140,19 +140,11 @@ class LandscapeLab(Lab):
     def _needs_changed(self, value) -> None:
         self.state.set_needs(value)
         if self.scenario.value != self.state.scenario:  # the needs left the scenario
-            self._quietly(self.scenario, self.state.scenario)
+            self.sync(self.scenario, value=self.state.scenario)
 
     def _scenario_changed(self, key: str) -> None:
         self.state.set_scenario(key)
-        self._quietly(self.needs, self.state.needs)
-
-    def _quietly(self, control: widgets.Widget, value) -> None:
-        """Move a control to the value already in effect without acting on it again."""
-        self._restoring = True
-        try:
-            control.value = value
-        finally:
-            self._restoring = False
+        self.sync(self.needs, value=self.state.needs)
 
     # ---- the same actions, from code ----------------------------------------------------------------
     def choose(self, *, needs=None, scenario: str | None = None, rows: str | None = None) -> bool:

@@ -66,8 +66,7 @@ class ParallelLab(Lab):
                     self.on_change(self.gpu, lambda v: self.set(gpu=v)),
                     self.on_change(self.context_len, lambda v: self.set(context_len=v))]
         controls += [self.on_change(w, lambda v, name=name: self.set(**{name: v})) for name, w in self.sizes.items()]
-        super().__init__(controls, figure=True)
-        self.widget.children = (widgets.HBox(controls[:3]), widgets.HBox(controls[3:])) + self.widget.children[1:]
+        super().__init__([controls[:3], controls[3:]], figure=True)
 
     def set(self, **change) -> None:
         """Re-plan with ``change`` applied; a layout the planner refuses raises its ``ValueError``

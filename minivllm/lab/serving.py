@@ -266,9 +266,7 @@ class ServingLab(Lab):
         controls = [self.on_change(getattr(self, name), lambda v, name=name: self.state.update(**{name: v}))
                     for name in CONTROLS]
         buttons = [self.on_click(self.start_button, self.state.start), self.on_click(self.stop_button, self.state.stop)]
-        super().__init__(controls + buttons)
-        self.widget.children = (widgets.VBox([widgets.HBox(controls[:2]), widgets.HBox(controls[2:] + buttons)]),
-                                *self.widget.children[1:])
+        super().__init__([controls[:2], controls[2:] + buttons])
         self.state.on_update = self._live
 
     # ---- from code: what the buttons do ----------------------------------------------------------

@@ -25,12 +25,12 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from minivllm.lab.base import WIDE, Lab, LabError
+from minivllm.lab.base import WIDE, LabError
 from minivllm.lab.batching import metrics_html
 from minivllm.lab.chunking import draw_kv, draw_tokens_per_step
-from minivllm.lab.experiment import SimExperiment
+from minivllm.lab.experiment import SettingsLab, SimExperiment, SLOSettings, knob_grid, slo_controls, unjudged
 from minivllm.sim import HARDWARE, MODELS, ParallelLayout, SimConfig, SimResult, Simulator, get_hardware, get_model
-from minivllm.sim.evaluation import PercentileSLO, RunSummary, Verdict, summarize_run, verdict
+from minivllm.sim.evaluation import RunSummary, Verdict, summarize_run, verdict
 from minivllm.sim.presets import TUNING_PRESETS
 from minivllm.sim.speculation import SimSpeculation
 from minivllm.sim.tuner import FrontierCurve, frontier
@@ -40,7 +40,7 @@ SPEC_METHODS = ("off", "ngram", "draft_model")
 
 
 @dataclass(frozen=True)
-class TuningSettings:
+class TuningSettings(SLOSettings):
     # deployment
     model: str = "Llama-3.1-8B"
     hardware: str = "H100-SXM"
@@ -79,10 +79,6 @@ class TuningSettings:
     def layout(self) -> ParallelLayout:
         return ParallelLayout(tp=self.tp, pp=self.pp, dp=self.dp)
 
-    @property
-    def slo(self) -> PercentileSLO:
-        return PercentileSLO(ttft=self.ttft_slo_ms / 1e3, tpot=self.tpot_slo_ms / 1e3, percentile=self.slo_percentile)
-
     def workload(self) -> Workload:
         if self.preset not in TUNING_PRESETS:
             raise LabError(f"preset={self.preset!r} is unknown; known: {', '.join(TUNING_PRESETS)}")
@@ -107,7 +103,6 @@ class TuningSettings:
 
 # what only judges a run: changing it re-reads the last simulation instead of running a new one
 JUDGING = ("ttft_slo_ms", "tpot_slo_ms", "slo_percentile", "gpu_price_per_hour")
-_DEFAULTS = TuningSettings()
 
 
 @dataclass(frozen=True)
@@ -133,7 +128,7 @@ def simulate(settings: TuningSettings) -> TuningRun:
     if not settings.gpu_price_per_hour >= 0:
         raise LabError(f"gpu_price_per_hour={settings.gpu_price_per_hour!r} must be >= 0")
     slo = settings.slo  # checks the targets before the simulation
-    result = _simulated(replace(settings, **{name: getattr(_DEFAULTS, name) for name in JUDGING}))
+    result = _simulated(unjudged(settings, JUDGING))
     summary = summarize_run(result, slo, settings.rate)
     return TuningRun(settings, result, summary, verdict(summary, max_num_seqs=settings.max_num_seqs,
                                                         max_num_batched_tokens=settings.max_num_batched_tokens))
@@ -161,7 +156,7 @@ def draw_frontier(ax, curves: list[FrontierCurve], metric: str, target: float | 
     ax.legend(fontsize=8)
 
 
-class TuningLab(Lab):
+class TuningLab(SettingsLab):
     """Every knob of a deployment; the metrics, the cost and the verdict of its simulated run."""
 
     def __init__(self, settings: TuningSettings | None = None):
@@ -195,12 +190,7 @@ class TuningLab(Lab):
         self.preset = widgets.Dropdown(options=list(TUNING_PRESETS), value=s.preset, description="workload", **WIDE)
         self.rate = widgets.FloatLogSlider(value=_finite(s.rate), base=2, min=-2, max=8, step=0.25,
                                            description="req/s", **WIDE)
-        self.ttft = widgets.FloatLogSlider(value=s.ttft_slo_ms, base=10, min=1, max=5, step=0.1,
-                                           description="TTFT target (ms)", **WIDE)
-        self.tpot = widgets.FloatLogSlider(value=s.tpot_slo_ms, base=10, min=0, max=3, step=0.1,
-                                           description="TPOT target (ms)", **WIDE)
-        self.percentile = widgets.Dropdown(options=[50.0, 90.0, 95.0, 99.0], value=s.slo_percentile,
-                                           description="SLO percentile", **WIDE)
+        self.ttft, self.tpot, self.percentile = slo_controls(s)
         self.price = widgets.BoundedFloatText(value=s.gpu_price_per_hour, min=0.0, max=1000.0, step=0.1,
                                               description="$ per GPU-hour", **WIDE)
         self.knobs = {"model": self.model, "hardware": self.hardware, "tp": self.tp, "pp": self.pp, "dp": self.dp,
@@ -212,9 +202,7 @@ class TuningLab(Lab):
                       "num_speculative_tokens": self.spec_k, "acceptance_rate": self.acceptance,
                       "preset": self.preset, "request_rate": self.rate, "ttft_slo_ms": self.ttft,
                       "tpot_slo_ms": self.tpot, "slo_percentile": self.percentile, "gpu_price_per_hour": self.price}
-        for name, w in self.knobs.items():
-            self.on_change(w, lambda v, name=name: self._update(**{name: v}))
-        super().__init__(list(self.knobs.values()), figure=True)
+        super().__init__(figure=True)
         groups = {"Deployment": ["model", "hardware", "tp", "pp", "dp", "dtype", "kv_cache_dtype",
                                  "gpu_memory_utilization"],
                   "Engine": ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
@@ -222,16 +210,10 @@ class TuningLab(Lab):
                   "Speculative decoding": ["spec_method", "num_speculative_tokens", "acceptance_rate"],
                   "Workload, SLO, price": ["preset", "request_rate", "ttft_slo_ms", "tpot_slo_ms", "slo_percentile",
                                            "gpu_price_per_hour"]}
-        self.tabs = widgets.Tab([_grid([self.knobs[n] for n in names]) for names in groups.values()],
+        self.tabs = widgets.Tab([knob_grid([self.knobs[n] for n in names]) for names in groups.values()],
                                 titles=list(groups))
         self.widget.children = (self.tabs, *self.widget.children[1:])
         self._sync_controls()
-
-    def set(self, **changes) -> bool:
-        """Apply several settings at once from code (``lab.set(tp=2, dp=2)``: one simulation), as the
-        controls do: a refused setting shows its message and changes nothing. Returns whether it was
-        accepted."""
-        return self.apply(lambda: self._update(**changes))
 
     def _update(self, **changes) -> None:
         """Apply ``changes`` to the settings; a new preset brings its own request rate. A refused
@@ -241,24 +223,19 @@ class TuningLab(Lab):
         if changes.get("request_rate") is not None and not math.isfinite(self.state.settings.rate) \
                 and "preset" not in changes:
             raise LabError("the offline batch sends every request at time 0: it has no request rate to set")
-        self.state.update(**changes)
-        self._sync_controls()
+        super()._update(**changes)
+
+    def shown(self, name: str):
+        return _finite(self.state.settings.rate) if name == "request_rate" else super().shown(name)
 
     def _sync_controls(self) -> None:
-        """Show the settings in effect on every control (a preset moves the rate slider) without
-        acting on them again."""
+        """Show the settings in effect on every control (a preset moves the rate slider, shown disabled
+        for an offline batch) without acting on them again."""
+        super()._sync_controls()
         s = self.state.settings
-        self._restoring = True
-        try:
-            for name, w in self.knobs.items():
-                value = _finite(s.rate) if name == "request_rate" else getattr(s, name)
-                if w.value != value:
-                    w.value = value
-            self.rate.disabled = not math.isfinite(s.rate)
-            for w in (self.spec_k, self.acceptance):
-                w.disabled = s.spec_method == "off"
-        finally:
-            self._restoring = False
+        self.rate.disabled = not math.isfinite(s.rate)
+        for w in (self.spec_k, self.acceptance):
+            w.disabled = s.spec_method == "off"
 
     # ---- view ----------------------------------------------------------------------------------
     def render(self) -> str:
@@ -331,10 +308,6 @@ class TuningLab(Lab):
         b.set_title("Throughput against p99 TTFT")
         fig.tight_layout()
         return fig
-
-
-def _grid(controls: list[widgets.Widget]) -> widgets.Box:
-    return widgets.GridBox(controls, layout=widgets.Layout(grid_template_columns="repeat(3, 330px)"))
 
 
 def _finite(rate: float) -> float:

@@ -21,7 +21,7 @@ Decode steps of few requests are memory-bound (weights dominate), big prefills c
 """
 from __future__ import annotations
 
-from minivllm.sim.hardware import DTYPE_BYTES, Hardware
+from minivllm.sim.hardware import DTYPE_BYTES, Hardware, kv_dtype_of
 from minivllm.sim.model_specs import ModelSpec
 
 
@@ -33,9 +33,7 @@ class CostModel:
     def __init__(self, model: ModelSpec, hardware: Hardware, dtype: str = "bf16", kv_cache_dtype: str | None = None):
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
-        kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
-        if kv_dtype not in DTYPE_BYTES:
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+        kv_dtype = kv_dtype_of(dtype, kv_cache_dtype)
         self.model, self.hardware, self.dtype = model, hardware, dtype
         self.dtype_bytes = DTYPE_BYTES[dtype]
         self.peak_flops = hardware.peak_flops(dtype)

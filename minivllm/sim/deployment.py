@@ -87,9 +87,9 @@ class DeploymentCost:
                   attention_pairs: float) -> StepCost:
         """The cost of a step (arguments as `CostModel.step_time`)."""
         m = max(1, min(self.plan.layout.pp, num_chunks))
-        tokens, sampled, context, pairs = num_tokens / m, num_sampled / m, context_tokens / m, attention_pairs / m
-        if m == 1:  # keep CostModel's exact arithmetic on one GPU
-            tokens, sampled, context, pairs = num_tokens, num_sampled, context_tokens, attention_pairs
+        tokens, sampled, context, pairs = num_tokens, num_sampled, context_tokens, attention_pairs
+        if m > 1:  # (undivided on one micro-batch: CostModel's exact arithmetic)
+            tokens, sampled, context, pairs = tokens / m, sampled / m, context / m, pairs / m
         eager = not self.cuda_graphs
         memory = compute = comm = launch = total = longest = 0.0
         for weights, kv, f_token, f_pair, f_sample, c_fixed, c_token, c_sample, launches in self.stages:

@@ -54,14 +54,14 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from minivllm.core.sequence import Sequence
-from minivllm.core.step import run_step
 from minivllm.core.trace import StepRecord
 from minivllm.sim.deployment import StepCost
 from minivllm.sim.hardware import DTYPE_BYTES, Hardware
 from minivllm.sim.kv_transfer import KVLink, kv_link
 from minivllm.sim.model_specs import ModelSpec
 from minivllm.sim.planner import ParallelLayout
-from minivllm.sim.simulator import DUMMY_TOKEN, SimConfig, Simulator, collector_paused, Replica
+from minivllm.sim.simulator import (DUMMY_TOKEN, Replica, SimConfig, Simulator, check_arrival_order, collector_paused,
+                                    least_loaded, length_stop, merged_steps)
 from minivllm.sim.workload import Request
 
 FIRST_TOKEN_SIDES = ("prefill", "decode")
@@ -257,8 +257,7 @@ class DisaggSimulator:
         self.prefill = _pool_simulator(c, "prefill")  # plans, prices steps, checks requests
         self.decode = _pool_simulator(c, "decode")
         self.link = c.kv_link()
-        kv_dtype = c.dtype if c.kv_cache_dtype == "auto" else c.kv_cache_dtype
-        self.kv_bytes_per_token = c.model.kv_bytes_per_token(DTYPE_BYTES[kv_dtype])
+        self.kv_bytes_per_token = c.model.kv_bytes_per_token(DTYPE_BYTES[self.decode.plan.kv_cache_dtype])
         # the GPU with the most KV bytes per token, on either side, sets the wire time (see kv_transfer)
         self.gpu_kv_bytes_per_token = max(max(self.prefill.plan.stage_kv_bytes_per_token),
                                           max(self.decode.plan.stage_kv_bytes_per_token))
@@ -286,10 +285,7 @@ class DisaggSimulator:
             except ValueError as e:
                 raise ValueError(f"decode pool: {e}") from None
             pairs.append((prefill, decode))
-        if any(a[0].arrival_time > b[0].arrival_time for a, b in zip(pairs, pairs[1:])):
-            raise ValueError("requests must be sorted by arrival_time")
-        if len({p.request_id for p, _ in pairs}) < len(pairs):
-            raise ValueError("request_id values must be unique")
+        check_arrival_order([p for p, _ in pairs])
         return pairs
 
     def _run(self, requests: list[Request]) -> DisaggResult:
@@ -297,56 +293,39 @@ class DisaggSimulator:
         pairs = self._sequences(requests)
         decode_of = {p: d for p, d in pairs}
         max_len = self.decode.config.max_model_len
-        stop_at = {d: min(d.num_prompt_tokens + d.sampling_params.max_tokens, max_len) for _, d in pairs}
-        stop_at |= {p: p.num_prompt_tokens + 1 for p, _ in pairs}
-
-        def check_stop(seq: Sequence, token: int) -> bool:
-            if len(seq.token_ids) >= stop_at[seq]:
-                seq.finish_reason = "length"
-                return True
-            return False
-
+        check_stop = length_stop({d: min(d.num_prompt_tokens + d.sampling_params.max_tokens, max_len) for _, d in pairs}
+                                 | {p: p.num_prompt_tokens + 1 for p, _ in pairs})
         prefills = [self.prefill.make_replica() for _ in range(c.prefill.instances)]
         decoders = [_Decoder(self.decode.make_replica()) for _ in range(c.decode.instances)]
         self._send_free = [0.0] * len(prefills)  # when each prefill instance's link is free to send
         self._transfers: list[KVTransfer] = []
         handoffs: list[tuple[float, int, _Handoff]] = []  # a heap by prefill end
         prefill_instance: dict[Sequence, int] = {}
-        prefill_steps: list[tuple[StepRecord, StepCost, int]] = []
-        decode_steps: list[tuple[StepRecord, StepCost, int]] = []
         last: dict[str, Sequence] = {d.request_id: d for _, d in pairs}
         order = itertools.count()  # ties in the handoff heap go by prefill end, then first come
         i, num_steps = 0, 0
         while True:  # the earliest event next: an arrival, a handoff, or the step of the instance most behind
             t_arrival = pairs[i][0].arrival_time if i < len(pairs) else math.inf
             t_handoff = handoffs[0][0] if handoffs else math.inf
-            busy = [r for r in prefills if r.scheduler.has_unfinished()]
-            prefill = min(busy, key=lambda r: r.now) if busy else None
+            prefill = min((r for r in prefills if r.scheduler.has_unfinished()), key=lambda r: r.now, default=None)
             t_prefill = prefill.now if prefill else math.inf
             decoder = min(decoders, key=lambda d: d.next_step_time())
             t_decode = decoder.next_step_time()
             if t_arrival <= min(t_handoff, t_prefill, t_decode) and i < len(pairs):
                 seq = pairs[i][0]
-                k = 0 if len(prefills) == 1 else min(range(len(prefills)), key=lambda j: prefills[j].outstanding_tokens)
-                if not prefills[k].scheduler.has_unfinished():  # idle: its clock jumps to the arrival
-                    prefills[k].now = max(prefills[k].now, seq.arrival_time)
-                prefills[k].scheduler.add(seq)
+                k = least_loaded(prefills)
+                prefills[k].add(seq)
                 prefill_instance[seq] = k
                 i += 1
             elif t_handoff <= min(t_prefill, t_decode) and handoffs:
                 _, _, h = heapq.heappop(handoffs)
-                d = 0 if len(decoders) == 1 else min(range(len(decoders)), key=lambda j: decoders[j].outstanding_tokens)
+                d = least_loaded(decoders)
                 decoders[d].pending.append(h)
                 self._admit(decoders[d], d, t_handoff)
             elif t_prefill <= t_decode and prefill is not None:
-                self.prefill.now = prefill.now
-                record, finished = run_step(prefill.scheduler, self.prefill.execute, self.prefill.clock, check_stop,
-                                            num_steps, prefill.recorder)
+                record, finished = self.prefill.step(prefill, check_stop, num_steps)
                 num_steps += 1
-                prefill.now = self.prefill.now
-                prefill_steps.append((record, self.prefill.last_cost, prefills.index(prefill)))
                 for seq in finished:
-                    seq.finished_time = record.end_time
                     h = self._handoff(seq, decode_of[seq], prefill_instance[seq], record.end_time)
                     if h is None:  # a one-token request ends on the prefill side
                         last[seq.request_id] = seq
@@ -357,20 +336,13 @@ class DisaggSimulator:
                 rep = decoder.replica
                 rep.now = t_decode  # an idle instance's clock jumps to its first KV's arrival
                 self._join_ready(decoder)
-                self.decode.now = rep.now
-                self.decode.last_cost = _NOTHING_RAN
-                record, finished = run_step(rep.scheduler, self.decode.execute, self.decode.clock,
-                                            check_stop, num_steps, rep.recorder, allow_empty=bool(decoder.receiving))
+                self.decode.step(rep, check_stop, num_steps, allow_empty=bool(decoder.receiving))
                 num_steps += 1
-                rep.now = self.decode.now
-                decode_steps.append((record, self.decode.last_cost, d))
-                for seq in finished:
-                    seq.finished_time = record.end_time
                 self._admit(decoder, d, rep.now)  # finished requests freed blocks
             else:
                 break
-        prefill_steps.sort(key=lambda s: (s[0].end_time, s[0].step))
-        decode_steps.sort(key=lambda s: (s[0].end_time, s[0].step))
+        prefill_steps = merged_steps(prefills)
+        decode_steps = merged_steps([d.replica for d in decoders])
         shown = decode_steps if c.first_token == "decode" else sorted(
             prefill_steps + decode_steps, key=lambda s: (s[0].end_time, s[0].step))
         return DisaggResult(
@@ -438,8 +410,6 @@ class DisaggSimulator:
             decoder.receiving.remove(h)
             decoder.replica.scheduler.start_transferred(h.seq)
 
-
-_NOTHING_RAN = StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 1)
 
 
 def _pool_simulator(config: DisaggConfig, side: str) -> Simulator:

@@ -23,20 +23,19 @@ generating a workload's requests once; a configuration the simulator refuses com
 from __future__ import annotations
 
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from minivllm.sim import tuner
 from minivllm.sim.disagg import DisaggConfig, DisaggResult, DisaggSimulator, PoolConfig
-from minivllm.sim.evaluation import PercentileSLO, RunSummary, judged_metrics, summarize_run
+from minivllm.sim.evaluation import PercentileSLO, RunSummary, judged_metrics, run_summary
 from minivllm.sim.hardware import Hardware
 from minivllm.sim.model_specs import ModelSpec
 from minivllm.sim.planner import ParallelLayout
-from minivllm.sim.simulator import SimConfig, Simulator
-from minivllm.sim.tuner import Refused, check_workers, requests_of
+from minivllm.sim.simulator import SimConfig
+from minivllm.sim.tuner import Refused
 from minivllm.sim.workload import Workload
 
 
@@ -75,26 +74,19 @@ def summarize_disagg(result: DisaggResult, slo: PercentileSLO, offered_rate: flo
     metrics, timelines = judged_metrics(result.trace, result.arrival_times, slo, percentiles, preemptions)
     c = result.config
     decode = result.decode_trace or result.prefill_trace  # every request may end at its prefill
-    num_blocks = result.decode_num_blocks if result.decode_trace else result.prefill_num_blocks
-    free = min(r.num_free_blocks for r in decode)
-    costs = result.prefill_step_costs + result.decode_step_costs
     block_size = c.sim_config("decode").cache_config.block_size
-    run = RunSummary(
-        metrics=metrics, slo=slo, num_gpus=c.num_gpus,
-        kv_tokens=result.decode_num_blocks * block_size * c.decode.instances,
-        peak_kv_use=1 - free / num_blocks, peak_running=max(r.num_running for r in decode),
-        memory_bound_share=sum(k.bound == "memory" for k in costs) / len(costs),
-        mean_queue_wait=float(np.mean([t.first_scheduled - t.arrival for t in timelines])),
-        offered_rate=offered_rate)
+    run = run_summary(metrics, timelines, slo, offered_rate, num_gpus=c.num_gpus,
+                      kv_tokens=result.decode_num_blocks * block_size * c.decode.instances, steps=decode,
+                      num_blocks=result.decode_num_blocks if result.decode_trace else result.prefill_num_blocks,
+                      costs=result.prefill_step_costs + result.decode_step_costs)
     transfers = result.transfers
-    e2e = {t.request_id: t.e2e for t in timelines}
     handoff = sum(x.ready - x.prefill_end for x in transfers)
     return DisaggSummary(
         run, c.prefill.num_gpus, c.decode.num_gpus,
         mean_transfer_bytes=float(np.mean([x.num_bytes for x in transfers])) if transfers else 0.0,
         mean_transfer_time=float(np.mean([x.transfer_time for x in transfers])) if transfers else 0.0,
         mean_admission_wait=float(np.mean([x.admission_wait for x in transfers])) if transfers else 0.0,
-        transfer_share=handoff / sum(e2e.values()) if transfers else 0.0, link=str(result.link),
+        transfer_share=handoff / sum(t.e2e for t in timelines) if transfers else 0.0, link=str(result.link),
         link_bandwidth=result.link.bandwidth,
         kv_rate_per_decode_gpu=sum(x.num_bytes for x in transfers) / _arrival_span(result, metrics.duration)
         / c.decode.num_gpus)
@@ -113,36 +105,19 @@ Summary = RunSummary | DisaggSummary
 
 
 def evaluate(config: SimConfig | DisaggConfig, workload: Workload, slo: PercentileSLO) -> Summary | Refused:
-    """Simulate ``workload`` on a colocated (`SimConfig`) or disaggregated (`DisaggConfig`) deployment."""
+    """Simulate ``workload`` on a colocated (`SimConfig`: `minivllm.sim.tuner.evaluate`) or
+    disaggregated (`DisaggConfig`) deployment."""
+    if not isinstance(config, DisaggConfig):
+        return tuner.evaluate(config, workload, slo)
     try:
-        if isinstance(config, DisaggConfig):
-            return summarize_disagg(DisaggSimulator(config).run(requests_of(workload)), slo, workload.request_rate)
-        return summarize_run(Simulator(config).run(requests_of(workload)), slo, workload.request_rate)
+        return summarize_disagg(DisaggSimulator(config).run(tuner.requests_of(workload)), slo, workload.request_rate)
     except ValueError as e:
         return Refused(str(e))
 
 
-def _evaluate_task(task: tuple) -> Summary | Refused:
-    return evaluate(*task)
-
-
 def evaluate_all(tasks: Sequence[tuple], workers: int | None = None) -> list[Summary | Refused]:
     """`evaluate` each (config, workload, slo) in ``workers`` processes (default: the CPUs; 1: here)."""
-    workers = check_workers(workers)
-    if workers == 1 or len(tasks) <= 1:
-        return [_evaluate_task(t) for t in tasks]
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_evaluate_task, tasks))
-
-
-def _workloads(workload_factory: Callable[[float], Workload], rates: Sequence[float]) -> list[Workload]:
-    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
-        raise ValueError(f"rates={list(rates)!r} must be finite request rates > 0")
-    workloads = [workload_factory(r) for r in sorted(rates)]
-    for w, r in zip(workloads, sorted(rates)):
-        if not isinstance(w, Workload) or w.request_rate != r:
-            raise ValueError(f"workload_factory({r}) must return a Workload at request_rate={r}, got {w!r}")
-    return workloads
+    return tuner.evaluate_all(tasks, workers, evaluate)
 
 
 # ---- colocated against disaggregated ------------------------------------------------------------------
@@ -176,7 +151,7 @@ def colocated_vs_disaggregated(config: DisaggConfig, workload_factory: Callable[
     if colocated.layout.num_gpus != config.num_gpus:
         raise ValueError(f"colocated uses {colocated.layout.num_gpus} GPUs, the pools {config.num_gpus}: compare at "
                          "the same GPU count")
-    workloads = _workloads(workload_factory, rates)
+    workloads = tuner.workloads_at(workload_factory, rates)
     results = evaluate_all([(cfg, w, slo) for w in workloads for cfg in (colocated, config)], workers)
     return [Comparison(w.request_rate, results[2 * k], results[2 * k + 1]) for k, w in enumerate(workloads)]
 
@@ -315,7 +290,7 @@ def best_split(model: ModelSpec, hardware: Hardware, num_gpus: int, workload_fac
     per GPU. ``engine_args`` hold for every instance of both pools and the colocated replicas."""
     if not isinstance(slo, PercentileSLO):
         raise ValueError(f"slo={slo!r} must be a PercentileSLO")
-    workloads = _workloads(workload_factory, rates)
+    workloads = tuner.workloads_at(workload_factory, rates)
     candidates: list[tuple[str, DisaggConfig | SimConfig]] = []
     for p, d in splits(num_gpus, prefill_tp, decode_tp):
         candidates.append((f"{p * prefill_tp}P:{d * decode_tp}D", DisaggConfig(
@@ -323,7 +298,7 @@ def best_split(model: ModelSpec, hardware: Hardware, num_gpus: int, workload_fac
             link=link, layer_pipelined=layer_pipelined, first_token=first_token)))
     tp = colocated_tp or 1
     candidates.append(("colocated", colocated_config(candidates[0][1], tp)))
-    check_workers(workers)
+    tuner.check_workers(workers)
     tasks = [(cfg, w, slo) for w in workloads for _, cfg in candidates]  # rate-major: a worker keeps one workload
     results = evaluate_all(tasks, workers)
     scores = []

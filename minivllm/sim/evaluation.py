@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minivllm.core.trace import StepRecord
+from minivllm.sim.deployment import StepCost
 from minivllm.sim.metrics import SLO, Metrics, RequestTimeline, request_timelines, summarize
 from minivllm.sim.simulator import SimResult
 
@@ -115,14 +116,21 @@ def summarize_run(result: SimResult, slo: PercentileSLO, offered_rate: float,
     """A `RunSummary` of ``result``: the metrics at ``percentiles`` and the SLO's, and the run's shape."""
     metrics, timelines = judged_metrics(result.trace, result.arrival_times, slo, percentiles,
                                         sum(len(r.preempted) for r in result.trace))
-    num_blocks = result.num_blocks
-    free = np.fromiter((r.num_free_blocks for r in result.trace), float, len(result.trace))
-    costs = result.step_costs
     layout = result.config.layout
+    return run_summary(metrics, timelines, slo, offered_rate, num_gpus=layout.num_gpus,
+                       kv_tokens=result.num_blocks * result.config.cache_config.block_size * layout.dp,
+                       steps=result.trace, num_blocks=result.num_blocks, costs=result.step_costs)
+
+
+def run_summary(metrics: Metrics, timelines: list[RequestTimeline], slo: PercentileSLO, offered_rate: float, *,
+                num_gpus: int, kv_tokens: int, steps: list[StepRecord], num_blocks: int,
+                costs: list[StepCost]) -> RunSummary:
+    """The `RunSummary` of a run's `judged_metrics`, its replicas' ``steps`` (of ``num_blocks`` KV
+    blocks each: the peaks) and every step's cost (the memory-bound share)."""
     return RunSummary(
-        metrics=metrics, slo=slo, num_gpus=layout.num_gpus,
-        kv_tokens=num_blocks * result.config.cache_config.block_size * layout.dp,
-        peak_kv_use=float(1 - free.min() / num_blocks), peak_running=max(r.num_running for r in result.trace),
+        metrics=metrics, slo=slo, num_gpus=num_gpus, kv_tokens=kv_tokens,
+        peak_kv_use=1 - min(r.num_free_blocks for r in steps) / num_blocks,
+        peak_running=max(r.num_running for r in steps),
         memory_bound_share=sum(c.bound == "memory" for c in costs) / len(costs),
         mean_queue_wait=float(np.mean([t.first_scheduled - t.arrival for t in timelines])),
         offered_rate=offered_rate)

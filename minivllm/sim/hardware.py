@@ -75,6 +75,21 @@ class Hardware:
             raise ValueError(f"dtype={dtype!r} has no FLOP rate on {self.name}; it has {sorted(self.flops)}")
         return self.flops[dtype]
 
+    def link(self, spans_nodes: bool) -> tuple[float, float]:
+        """(bytes/s one direction, seconds per call) between two of its GPUs: the network's across
+        nodes; inside a node the interconnect's, half its datasheet figure (which counts both directions)."""
+        if spans_nodes:
+            return self.network_bandwidth, self.network_latency
+        return self.interconnect_bandwidth / 2, self.link_latency
+
+
+def kv_dtype_of(dtype: str, kv_cache_dtype: str | None) -> str:
+    """The KV cache's dtype: ``kv_cache_dtype``, or the weights' ``dtype`` for None or ``"auto"``."""
+    kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+    if kv_dtype not in DTYPE_BYTES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+    return kv_dtype
+
 
 GiB = 2 ** 30
 # Links and latencies common to the NVLink nodes (8 GPUs, 400 Gb/s InfiniBand per GPU between nodes)

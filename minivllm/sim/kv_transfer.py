@@ -71,7 +71,7 @@ def kv_link(link: str | KVLink, hardware: Hardware) -> KVLink:
         if not hardware.interconnect_bandwidth > 0:
             raise ValueError(f"link='nvlink': {hardware.name} has no interconnect bandwidth")
         kind = "PCIe" if hardware.interconnect_bandwidth < 200 * GB else "NVLink"
-        return KVLink(f"{kind} (in the node)", hardware.interconnect_bandwidth / 2, hardware.link_latency)
+        return KVLink(f"{kind} (in the node)", *hardware.link(spans_nodes=False))
     if link == "infiniband":
         return KVLink("InfiniBand 400 Gb/s", 50 * GB, 25e-6)
     if link == "ethernet":

@@ -85,7 +85,7 @@ from functools import cached_property
 
 from minivllm.config.parallel import pipeline_stages
 from minivllm.sim.cost_model import CostModel
-from minivllm.sim.hardware import DTYPE_BYTES, Hardware
+from minivllm.sim.hardware import DTYPE_BYTES, Hardware, kv_dtype_of
 from minivllm.sim.model_specs import ModelSpec
 
 GB = 1e9
@@ -219,8 +219,7 @@ class LayoutPlan:
             kinds.append(("cp", "send", (cp - 1) * n, tokens * kv, 1, tp * pp * cp > node))
         comms = []
         for kind, op, calls, payload, factor, spans_nodes in kinds:
-            bandwidth, latency = ((hw.network_bandwidth, hw.network_latency) if spans_nodes
-                                  else (hw.interconnect_bandwidth / 2, hw.link_latency))
+            bandwidth, latency = hw.link(spans_nodes)
             comms.append(Communication(kind, op, micro_batches * calls, payload, payload * factor,
                                        max(1, round(tokens * cp * micro_batches)), bandwidth, latency))
         return tuple(comms)
@@ -322,9 +321,7 @@ def plan_layout(model: ModelSpec, hardware: Hardware, layout: ParallelLayout = P
     ``max_num_batched_tokens`` tokens sampling ``max_num_seqs`` rows (None: none kept). See the module
     for the formulas."""
     cost = CostModel(model, hardware, dtype)  # checks the dtype and that the hardware has its FLOP rate
-    kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
-    if kv_dtype not in DTYPE_BYTES:
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+    kv_dtype = kv_dtype_of(dtype, kv_cache_dtype)
     for name, value in (("context_len", context_len), ("step_tokens", step_tokens), ("max_num_seqs", max_num_seqs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an int >= 1")
@@ -436,10 +433,7 @@ class ContextParallelCost:
     @property
     def link(self) -> tuple[float, float]:
         """(bytes/s in one direction, seconds per call) of the group's link."""
-        hw = self.hardware
-        if self.tp * self.cp > hw.node_size:
-            return hw.network_bandwidth, hw.network_latency
-        return hw.interconnect_bandwidth / 2, hw.link_latency
+        return self.hardware.link(self.tp * self.cp > self.hardware.node_size)
 
     @property
     def decode_comm_seconds_per_token(self) -> float:
@@ -483,9 +477,7 @@ def context_parallel_cost(model: ModelSpec, hardware: Hardware, cp: int, context
             raise ValueError(f"{name}={value!r} must be an int >= 1")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
-    kv_dtype = dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
-    if kv_dtype not in DTYPE_BYTES:
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} must be 'auto' or one of {sorted(DTYPE_BYTES)}")
+    kv_dtype = kv_dtype_of(dtype, kv_cache_dtype)
     if cp > 1 and not hardware.interconnect_bandwidth > 0:
         raise ValueError(f"hardware.interconnect_bandwidth={hardware.interconnect_bandwidth}: {hardware.name} "
                          f"has no link between devices for cp={cp}")
@@ -497,8 +489,7 @@ def context_parallel_cost(model: ModelSpec, hardware: Hardware, cp: int, context
     q_heads = model.num_heads // tp
     e = 2 * L * kv_heads * h * b_kv
     shard = -(-context_len // cp)
-    link_bandwidth = (hardware.network_bandwidth if tp * cp > hardware.node_size
-                      else hardware.interconnect_bandwidth / 2)
+    link_bandwidth, _ = hardware.link(tp * cp > hardware.node_size)
     hide = (kv_heads * b_kv * hardware.peak_flops(dtype) / (2 * q_heads * link_bandwidth)) if cp > 1 else 0.0
     return ContextParallelCost(
         model, hardware, cp, tp, context_len, e,

@@ -20,7 +20,7 @@ import gc
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from minivllm.config.cache import CacheConfig
 from minivllm.config.parts import split_args
@@ -38,6 +38,7 @@ from minivllm.sim.speculation import SimSpeculation
 from minivllm.sim.workload import Request
 
 DUMMY_TOKEN = 0
+NOTHING_RAN = StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 1)  # the cost of a step that scheduled nothing
 
 
 class SimConfig:
@@ -77,13 +78,13 @@ class SimConfig:
                            max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs)
 
     def __repr__(self) -> str:
-        extras = "".join(f", {k}={v}" for k, v in (("layout", self.layout), ("kv_cache_dtype", self.kv_cache_dtype),
-                                                    ("cuda_graphs", self.cuda_graphs),
-                                                    ("speculative", self.speculative))
-                         if v != {"layout": ParallelLayout(), "kv_cache_dtype": "auto", "cuda_graphs": True,
-                                  "speculative": None}[k])
+        extras = "".join(f", {name}={getattr(self, name)}" for name, default in _REPR_DEFAULTS.items()
+                         if getattr(self, name) != default)
         return (f"SimConfig({self.model.name}, {self.hardware.name}, {self.dtype}, {self.cache_config}, "
                 f"{self.scheduler_config}{extras})")
+
+
+_REPR_DEFAULTS = {"layout": ParallelLayout(), "kv_cache_dtype": "auto", "cuda_graphs": True, "speculative": None}
 
 
 @dataclass
@@ -111,6 +112,44 @@ class Replica:
         """The router's measure of its load (as `DataParallelEngine`'s)."""
         s = self.scheduler
         return sum(q.num_outstanding_tokens for q in s.running) + sum(q.num_outstanding_tokens for q in s.waiting)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue an arriving request; an idle replica's clock jumps to its arrival."""
+        if not self.scheduler.has_unfinished():
+            self.now = max(self.now, seq.arrival_time)
+        self.scheduler.add(seq)
+
+
+def least_loaded(instances: list) -> int:
+    """The index of the instance with the fewest ``outstanding_tokens`` (the first of equals): the
+    router's choice."""
+    return 0 if len(instances) == 1 else min(range(len(instances)), key=lambda j: instances[j].outstanding_tokens)
+
+
+def merged_steps(replicas: list[Replica]) -> list[tuple[StepRecord, StepCost, int]]:
+    """Every replica's steps by end time (then step number), each with its cost and its replica's index."""
+    return sorted(((rec, cost, r) for r, rep in enumerate(replicas) for rec, cost in rep.steps),
+                  key=lambda x: (x[0].end_time, x[0].step))
+
+
+def check_arrival_order(seqs: list[Sequence]) -> None:
+    """Refuse requests out of arrival order or with a request_id twice."""
+    if any(a.arrival_time > b.arrival_time for a, b in zip(seqs, seqs[1:])):
+        raise ValueError("requests must be sorted by arrival_time")
+    if len({s.request_id for s in seqs}) < len(seqs):
+        raise ValueError("request_id values must be unique")
+
+
+def length_stop(stop_at: dict[Sequence, int]) -> Callable[[Sequence, int], bool]:
+    """``run_step``'s ``check_stop`` for the engine's length stop (max_tokens or max_model_len), given
+    as the total length each request stops at."""
+    def check_stop(seq: Sequence, token: int) -> bool:
+        if len(seq.token_ids) >= stop_at[seq]:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    return check_stop
 
 
 class Simulator:
@@ -166,47 +205,40 @@ class Simulator:
     def _run(self, requests: list[Request]) -> SimResult:
         c = self.config
         seqs = [self.make_sequence(r) for r in requests]
-        if any(a.arrival_time > b.arrival_time for a, b in zip(seqs, seqs[1:])):
-            raise ValueError("requests must be sorted by arrival_time")
-        if len({s.request_id for s in seqs}) < len(seqs):
-            raise ValueError("request_id values must be unique")
-        # the engine's length stop (max_tokens or max_model_len), as one precomputed total per request
-        stop_at = {s: min(s.num_prompt_tokens + s.sampling_params.max_tokens, c.max_model_len) for s in seqs}
-
-        def check_stop(seq: Sequence, token: int) -> bool:
-            if len(seq.token_ids) >= stop_at[seq]:
-                seq.finish_reason = "length"
-                return True
-            return False
-
+        check_arrival_order(seqs)
+        check_stop = length_stop({s: min(s.num_prompt_tokens + s.sampling_params.max_tokens, c.max_model_len)
+                                  for s in seqs})
         self._rng = random.Random(c.speculative.seed) if c.speculative else None
         replicas = [self.make_replica() for _ in range(c.layout.dp)]
         i, num_steps = 0, 0
         while True:  # the earliest event next: an arrival, or the step of the replica whose clock is behind
-            busy = [r for r in replicas if r.scheduler.has_unfinished()]
-            replica = min(busy, key=lambda r: r.now) if busy else None
+            replica = min((r for r in replicas if r.scheduler.has_unfinished()), key=lambda r: r.now, default=None)
             if i < len(seqs) and (replica is None or seqs[i].arrival_time <= replica.now):
-                seq = seqs[i]
-                target = replicas[0] if len(replicas) == 1 else min(replicas, key=lambda r: r.outstanding_tokens)
-                if not target.scheduler.has_unfinished():  # idle: its clock jumps to the arrival
-                    target.now = max(target.now, seq.arrival_time)
-                target.scheduler.add(seq)
+                replicas[least_loaded(replicas)].add(seqs[i])
                 i += 1
                 continue
             if replica is None:
                 break
-            self.now = replica.now
-            record, finished = run_step(replica.scheduler, self.execute, self.clock, check_stop, num_steps,
-                                        replica.recorder)
+            self.step(replica, check_stop, num_steps)
             num_steps += 1
-            replica.now = self.now
-            replica.steps.append((record, self.last_cost))
-            for seq in finished:
-                seq.finished_time = record.end_time
-        steps = sorted(((rec, cost, r) for r, rep in enumerate(replicas) for rec, cost in rep.steps),
-                       key=lambda x: (x[0].end_time, x[0].step))
+        steps = merged_steps(replicas)
         return SimResult(c, self.num_blocks, [s[0] for s in steps], seqs, {s.request_id: s.arrival_time for s in seqs},
                          [s[1] for s in steps], [s[2] for s in steps])
+
+    def step(self, replica: Replica, check_stop: Callable[[Sequence, int], bool], index: int, *,
+             allow_empty: bool = False) -> tuple[StepRecord, list[Sequence]]:
+        """Run ``replica``'s next engine step (number ``index``) on its clock with this simulator's
+        cost model; its record and cost go to ``replica.steps`` (an empty step, which ``allow_empty``
+        permits, costs nothing). Returns the record and the requests it finished."""
+        self.now = replica.now
+        self.last_cost = NOTHING_RAN
+        record, finished = run_step(replica.scheduler, self.execute, self.clock, check_stop, index, replica.recorder,
+                                    allow_empty=allow_empty)
+        replica.now = self.now
+        replica.steps.append((record, self.last_cost))
+        for seq in finished:
+            seq.finished_time = record.end_time
+        return record, finished
 
     def clock(self) -> float:
         return self.now

@@ -26,7 +26,8 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
 
 from minivllm.sim.evaluation import PercentileSLO, RunSummary, summarize_run
 from minivllm.sim.hardware import Hardware
@@ -46,14 +47,9 @@ class Refused:
     reason: str
 
 
-_requests: dict[Workload, list[Request]] = {}  # a worker's generated workloads (one or two per search)
-
-
+@lru_cache(maxsize=1)  # a worker generates each workload once: a search's workloads come one rate after another
 def requests_of(workload: Workload) -> list[Request]:
-    if workload not in _requests:
-        _requests.clear()  # keep one: a frontier's workloads come one rate after another
-        _requests[workload] = workload.generate()
-    return _requests[workload]
+    return workload.generate()
 
 
 def evaluate(config: SimConfig, workload: Workload, slo: PercentileSLO) -> RunSummary | Refused:
@@ -65,19 +61,17 @@ def evaluate(config: SimConfig, workload: Workload, slo: PercentileSLO) -> RunSu
     return summarize_run(result, slo, workload.request_rate)
 
 
-def _evaluate_task(task: tuple[SimConfig, Workload, PercentileSLO]) -> RunSummary | Refused:
-    return evaluate(*task)
-
-
-def evaluate_all(tasks: Sequence[tuple[SimConfig, Workload, PercentileSLO]],
-                 workers: int | None = None) -> list[RunSummary | Refused]:
-    """`evaluate` each (config, workload, slo), in ``workers`` processes (default: the CPUs; 1: here)."""
+def evaluate_all(tasks: Sequence[tuple[SimConfig, Workload, PercentileSLO]], workers: int | None = None,
+                 evaluate: Callable[..., Any] = evaluate) -> list:
+    """``evaluate(config, workload, slo)`` for each task (default: `evaluate`, a `RunSummary` or
+    `Refused`), in ``workers`` processes (default: the CPUs; 1: here); ``evaluate`` must be a
+    module-level function."""
     workers = check_workers(workers)
     if workers == 1 or len(tasks) <= 1:
-        return [_evaluate_task(t) for t in tasks]
+        return [evaluate(*t) for t in tasks]
     # fork: the workers start from this process's imports; results are small (summaries, not traces)
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_evaluate_task, tasks))
+        return list(pool.map(evaluate, *zip(*tasks)))
 
 
 def check_workers(workers: int | None) -> int:
@@ -86,6 +80,18 @@ def check_workers(workers: int | None) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be an int >= 1 or None (the CPUs)")
     return workers
+
+
+def workloads_at(workload_factory: Callable[[float], Workload], rates: Sequence[float]) -> list[Workload]:
+    """``workload_factory(rate)`` for each of ``rates``, lowest first; refuses a rate that is not a
+    finite one > 0, or a factory whose workload is not at the rate asked."""
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise ValueError(f"rates={list(rates)!r} must be finite request rates > 0")
+    workloads = [workload_factory(r) for r in sorted(rates)]
+    for w, r in zip(workloads, sorted(rates)):
+        if not isinstance(w, Workload) or w.request_rate != r:
+            raise ValueError(f"workload_factory({r}) must return a Workload at request_rate={r}, got {w!r}")
+    return workloads
 
 
 # ---- the frontier -----------------------------------------------------------------------------------
@@ -113,13 +119,8 @@ def frontier(configs: Mapping[str, SimConfig], workload_factory: Callable[[float
     runs ``workload_factory(rate)`` at every rate of ``rates``, in parallel processes."""
     if not configs:
         raise ValueError("configs is empty: give at least one {label: SimConfig}")
-    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
-        raise ValueError(f"rates={list(rates)!r} must be finite request rates > 0")
+    workloads = workloads_at(workload_factory, rates)
     slo = slo or PercentileSLO()
-    workloads = [workload_factory(r) for r in sorted(rates)]
-    for w, r in zip(workloads, sorted(rates)):
-        if not isinstance(w, Workload) or w.request_rate != r:
-            raise ValueError(f"workload_factory({r}) must return a Workload at request_rate={r}, got {w!r}")
     # rate-major order: a worker sees one workload for several configurations in a row
     tasks = [(config, w, slo) for w in workloads for config in configs.values()]
     results = evaluate_all(tasks, workers)

@@ -1,10 +1,17 @@
 """What every exercise check shares: the result record, the stage runner, the chi-square test,
-the engine the checks plug into, and the wording of a token mismatch."""
+the engine the checks plug into, the wording of a token mismatch, and the module that carries a
+learner's functions to other processes."""
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
+import itertools
 import logging
+import os
+import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,6 +93,8 @@ def token_mismatch(got: list[int], want: list[int], mine: str, theirs: str) -> s
 
 @contextlib.contextmanager
 def quiet_engine_logs():
+    """Only the engine's warnings inside the block (its INFO lines are not the check's output)."""
+    importlib.import_module("minivllm.llm")  # importing it sets the engine's log level: first, not inside
     logger = logging.getLogger("minivllm")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -93,6 +102,17 @@ def quiet_engine_logs():
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """``torch.set_num_threads(threads)`` inside the block, the number before restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -126,3 +146,48 @@ def is_not_implemented(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+# ---- a learner's functions in another process -----------------------------------------------------
+# Spawned processes start empty, and a function defined in a notebook cell lives in ``__main__``, which
+# they cannot import (pickle sends functions and classes by their module and name). So a check that runs
+# the learner's code in another process writes the functions' *source* (`inspect.getsource`) into a
+# module of its own, in a folder on ``sys.path`` (which spawned processes inherit): the functions may use
+# only the names that module imports.
+_learner_modules = itertools.count()  # a fresh module name for each learner module built in this process
+
+
+def learner_source(fn: Callable, what: str) -> str:
+    """The source of the learner's function ``fn`` (``what`` names it in the failure), dedented."""
+    if not callable(fn) or not hasattr(fn, "__code__") or fn.__name__ == "<lambda>":
+        raise CheckFailed(f"{what}={fn!r} must be a function defined with `def`")
+    try:
+        return textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        raise CheckFailed(f"the source of {what} ({fn.__name__}) cannot be read: define it with `def` in a "
+                          "notebook cell or a .py file") from None
+
+
+@contextlib.contextmanager
+def learner_module_folder():
+    """A temporary folder on ``sys.path`` for `learner_module`, taken off and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="minivllm-learner-") as folder:
+        sys.path.insert(0, folder)
+        try:
+            yield folder
+        finally:
+            sys.path.remove(folder)
+
+
+def learner_module(folder: str, prefix: str, text: str, what: str):
+    """Module ``prefix_N`` (a fresh N) written with ``text`` in ``folder`` (from `learner_module_folder`)
+    and imported, so that other processes can import it by name. ``what`` names the learner's functions
+    in the failure when the module raises on import."""
+    module = f"{prefix}_{next(_learner_modules)}"
+    with open(os.path.join(folder, module + ".py"), "w") as f:
+        f.write(text)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module)
+    except Exception as e:
+        raise CheckFailed(f"{what}, alone in a module, raised {type(e).__name__}: {e}") from None

@@ -22,8 +22,6 @@ def check_detokenizer(detokenizer_class: type, verbose: bool = True) -> CheckRes
     from transformers import AutoTokenizer
 
     from minivllm.engine.detokenizer import IncrementalDetokenizer
-    from minivllm.entrypoints.openai import local  # noqa: F401  (before quiet_engine_logs: importing
-    # minivllm.llm, which the server does, sets the engine's log level)
 
     with check_model_folder() as folder:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -1,18 +1,14 @@
 """The check of exercise 10: the KV connector's receive side, run between two real engine processes."""
 from __future__ import annotations
 
-import importlib
-import itertools
-import os
-import sys
-import tempfile
+import functools
 from typing import Callable
 
 import torch
 
 from minivllm.course.checks.base import (CheckFailed, CheckResult, check_model_folder, is_not_implemented,
-                                         quiet_engine_logs, run_stages, token_mismatch)
-from minivllm.course.checks.row_parallel import _learner_source
+                                         learner_module, learner_module_folder, learner_source, quiet_engine_logs,
+                                         run_stages, token_mismatch)
 from minivllm.sampling_params import SamplingParams
 
 # The learner writes the two per-request parts of the decode instance's `KVReceiver`
@@ -28,7 +24,7 @@ from minivllm.sampling_params import SamplingParams
 #    instance of a real prefill/decode pair on the course model: greedy tokens equal to one `LLM`,
 #    each transfer's positions (decode-side prefix-cache hits skipped) and bytes equal to the formula.
 #    As in exercise 08, the decode process is spawned and cannot import ``__main__``: the check writes
-#    the functions' *source* into a module of its own after `KV_RECEIVER_NAMESPACE`.
+#    the functions' *source* into a module of its own after `KV_RECEIVER_NAMESPACE` (`base.learner_module`).
 
 KV_RECEIVER_NAMESPACE = ("import torch\nfrom minivllm.disagg.scheduler_side import KVLoad\n"
                          "from minivllm.disagg.worker_side import KVReceiver\n")
@@ -63,7 +59,6 @@ ENGINE_PROMPTS = [
 LONG = 2  # the prompt the second batch shares prefixes with
 SHARED = (21, 40)  # tokens of it that the second batch's two prompts start with: 16 and 40 cached (blocks of 8)
 ENGINE_TIMEOUT_S = 30.0
-_module_numbers = itertools.count()
 
 
 def _skeleton(fn_name: str) -> str:
@@ -225,22 +220,13 @@ def _stage_load(cls: type) -> str:
 
 
 def learner_receiver_class(plan_load: Callable, load_layers: Callable, folder: str) -> type:
-    """A `KVReceiver` subclass with the learner's two methods, rebuilt from their source as module
-    ``minivllm_learner_kv_receiver_N`` in ``folder`` (put on ``sys.path``), so that the decode
-    process can import it by name."""
-    sources = [_learner_source(plan_load, "plan_load"), _learner_source(load_layers, "load_layers")]
-    module = f"minivllm_learner_kv_receiver_{next(_module_numbers)}"
-    with open(os.path.join(folder, module + ".py"), "w") as f:
-        f.write(KV_RECEIVER_NAMESPACE + "\n\n" + "\n\n".join(sources) +
-                f"\n\nclass LearnerKVReceiver(KVReceiver):\n    plan_load = {plan_load.__name__}\n"
-                f"    load_layers = {load_layers.__name__}\n")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module(module).LearnerKVReceiver
-    except Exception as e:
-        raise CheckFailed(f"your functions, alone in a module, raised {type(e).__name__}: {e}") from None
+    """A `KVReceiver` subclass with the learner's two methods, rebuilt from their source as a module in
+    ``folder`` (see `learner_module`), so that the decode process can import it by name."""
+    sources = [learner_source(plan_load, "plan_load"), learner_source(load_layers, "load_layers")]
+    return learner_module(folder, "minivllm_learner_kv_receiver",
+                          KV_RECEIVER_NAMESPACE + "\n\n" + "\n\n".join(sources) +
+                          f"\n\nclass LearnerKVReceiver(KVReceiver):\n    plan_load = {plan_load.__name__}\n"
+                          f"    load_layers = {load_layers.__name__}\n", "your functions").LearnerKVReceiver
 
 
 def _batches(first_ids: list[list[int]]):
@@ -312,17 +298,7 @@ def check_kv_receiver(plan_load: Callable, load_layers: Callable, *, verbose: bo
     block_size)`` returns the `KVLoad` of a request the decode instance just admitted, and
     ``load_layers(self, load)`` receives its K/V (``self.recv_layer(buf)``, one tensor per layer) into
     ``self.kv_cache`` and returns the bytes received. Three stages (see the module)."""
-    with tempfile.TemporaryDirectory(prefix="minivllm-learner-") as folder:
-        built: dict[str, type] = {}
-
-        def build() -> type:
-            if "class" not in built:
-                built["class"] = learner_receiver_class(plan_load, load_layers, folder)
-            return built["class"]
-
-        try:
-            return run_stages("check_kv_receiver", [lambda: _stage_plan(build()), lambda: _stage_load(build()),
-                                                    lambda: _stage_engine(build())], verbose)
-        finally:
-            if folder in sys.path:
-                sys.path.remove(folder)
+    with learner_module_folder() as folder:
+        build = functools.cache(lambda: learner_receiver_class(plan_load, load_layers, folder))
+        return run_stages("check_kv_receiver", [lambda: _stage_plan(build()), lambda: _stage_load(build()),
+                                                lambda: _stage_engine(build())], verbose)

@@ -25,7 +25,6 @@ and at the end every request generated the reference's greedy tokens.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import random
@@ -34,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from minivllm.course.checks.base import (CheckFailed, CheckResult, check_model_folder, quiet_engine_logs, run_stages,
-                                         token_mismatch)
+                                         token_mismatch, torch_threads)
 from minivllm.sampling_params import SamplingParams
 
 RT_ENGINE_SETTINGS = dict(block_size=4, num_kv_blocks=32, max_model_len=128, max_num_seqs=6,
@@ -295,31 +294,18 @@ def _compare_step(mine: RadixRun, ref: RadixRun, step: int, where: str) -> None:
                           "does not")
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """The course model is small: one thread runs it fastest on a shared machine (restored after)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def reference_run(seed: int) -> RadixRun:
     """Workload ``seed`` through the stock `RadixBlockManager`: the reference, once per process."""
     from minivllm.core.radix_block_manager import RadixBlockManager
 
-    with one_torch_thread():
+    with torch_threads(1):  # the course model is small: one thread runs it fastest on a shared machine
         return _run(RadixBlockManager, seed)
 
 
 def _stage_steps(cls: type, runs: dict) -> str:
     refs = [reference_run(s) for s in RT_SEEDS]
-    with one_torch_thread():
+    with torch_threads(1):
         for seed, ref in zip(RT_SEEDS, refs):
             runs[seed] = _run(cls, seed, ref)
     n = lambda attr: sum(getattr(r, attr) for r in refs)  # noqa: E731

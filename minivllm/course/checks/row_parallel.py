@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
-import itertools
-import os
-import sys
-import tempfile
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from minivllm.course.checks.base import (ENGINE_PROMPTS, CheckFailed, CheckResult, check_model_folder,
-                                         is_not_implemented, quiet_engine_logs, run_stages, token_mismatch)
+                                         is_not_implemented, learner_module, learner_module_folder, learner_source,
+                                         quiet_engine_logs, run_stages, token_mismatch)
 from minivllm.sampling_params import SamplingParams
 
 # The learner writes two functions: ``input_shard(x, rank, world_size)``, the slice of the layer's
@@ -25,12 +20,10 @@ from minivllm.sampling_params import SamplingParams
 # shard of the full weight with the stock ``weight_loader``, then in the engine with
 # ``tensor_parallel_size=2``.
 #
-# Spawned processes start empty, and a function defined in a notebook cell lives in ``__main__``,
-# which they cannot import (pickle sends functions and classes by their module and name). So the
-# check writes the forward's *source* (`inspect.getsource`) into a module of its own, after what the
-# layer's own module imports (`ROW_PARALLEL_NAMESPACE`), in a folder on ``sys.path`` (which spawned
-# processes inherit): the learner's function must use only those names. ``input_shard`` runs in this
-# process, so it needs no such care.
+# Spawned processes cannot import a function defined in a notebook cell (``__main__``), so the check
+# writes the forward's *source* into a module of its own (`base.learner_module`), after what the
+# layer's own module imports (`ROW_PARALLEL_NAMESPACE`): the learner's function must use only those
+# names. ``input_shard`` runs in this process, so it needs no such care.
 
 ROW_PARALLEL_WORLD = 2
 # (what the case is, input shape, output features, bias); none is the exercise notebook's own example.
@@ -47,7 +40,6 @@ ROW_PARALLEL_STRAGGLER_S = 10.0  # once one rank has answered, how long the othe
 ROW_PARALLEL_RAISE_GRACE_S = 2.0  # once one rank has raised, how long the others may take to report theirs
 ENGINE_SETTINGS = dict(max_model_len=256, max_num_seqs=8, seed=0, tensor_parallel_size=ROW_PARALLEL_WORLD)
 ENGINE_MAX_TOKENS = 12
-_module_numbers = itertools.count()  # a fresh module name for each learner layer built in this process
 
 
 def _row_parallel_rank(rank: int, init_method: str, layer_class: type, cases: list, conn) -> None:
@@ -88,18 +80,6 @@ def _row_parallel_data(case: tuple, seed: int) -> tuple[torch.Tensor, torch.Tens
     return x, weight, torch.randn(out_features, generator=g) if bias else None
 
 
-def _learner_source(fn: Callable, what: str) -> str:
-    import textwrap
-
-    if not callable(fn) or not hasattr(fn, "__code__") or fn.__name__ == "<lambda>":
-        raise CheckFailed(f"{what}={fn!r} must be a function defined with `def`")
-    try:
-        return textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError):
-        raise CheckFailed(f"the source of {what} ({fn.__name__}) cannot be read: define it with `def` in a "
-                          "notebook cell or a .py file") from None
-
-
 def _stage_input_shard(input_shard: Callable, cases: list) -> str:
     """Each rank's input slice must be the input features its weight shard multiplies: the stock
     ``weight_loader`` gives rank r the weight's columns r*k .. (r+1)*k - 1."""
@@ -130,21 +110,14 @@ def _stage_input_shard(input_shard: Callable, cases: list) -> str:
 
 
 def learner_layer_class(forward: Callable, folder: str) -> type:
-    """A `RowParallelLinear` subclass whose forward is ``forward``, rebuilt from its source as module
-    ``minivllm_learner_row_parallel_N`` in ``folder`` (put on ``sys.path``), so that worker
-    processes can import it by name."""
-    source = _learner_source(forward, "row_parallel_forward")
-    module = f"minivllm_learner_row_parallel_{next(_module_numbers)}"
-    with open(os.path.join(folder, module + ".py"), "w") as f:
-        f.write(ROW_PARALLEL_NAMESPACE + "from minivllm.layers.linear import RowParallelLinear\n\n\n" + source +
-                f"\n\nclass LearnerRowParallelLinear(RowParallelLinear):\n    forward = {forward.__name__}\n")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module(module).LearnerRowParallelLinear
-    except Exception as e:
-        raise CheckFailed(f"your row_parallel_forward, alone in a module, raised {type(e).__name__}: {e}") from None
+    """A `RowParallelLinear` subclass whose forward is ``forward``, rebuilt from its source as a module
+    in ``folder`` (see `learner_module`), so that worker processes can import it by name."""
+    source = learner_source(forward, "row_parallel_forward")
+    return learner_module(folder, "minivllm_learner_row_parallel",
+                          ROW_PARALLEL_NAMESPACE + "from minivllm.layers.linear import RowParallelLinear\n\n\n" +
+                          source + f"\n\nclass LearnerRowParallelLinear(RowParallelLinear):\n"
+                          f"    forward = {forward.__name__}\n",
+                          "your row_parallel_forward").LearnerRowParallelLinear
 
 
 def _run_ranks(layer_class: type, per_rank: list[list]) -> list[list]:
@@ -296,11 +269,7 @@ def check_row_parallel_linear(row_parallel_forward: Callable, input_shard: Calla
         layer["class"] = learner_layer_class(row_parallel_forward, folder)
         return _stage_row_parallel_forward(layer["class"], input_shard, cases)
 
-    with tempfile.TemporaryDirectory(prefix="minivllm-learner-") as folder:
-        try:
-            return run_stages("check_row_parallel_linear",
-                              [lambda: _stage_input_shard(input_shard, cases), stage_forward,
-                               lambda: _stage_engine(layer["class"])], verbose)
-        finally:
-            if folder in sys.path:
-                sys.path.remove(folder)
+    with learner_module_folder() as folder:
+        return run_stages("check_row_parallel_linear",
+                          [lambda: _stage_input_shard(input_shard, cases), stage_forward,
+                           lambda: _stage_engine(layer["class"])], verbose)
