@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import html
 import io
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
 import ipywidgets as widgets
@@ -87,7 +88,7 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-class Lab:
+class Lab(ABC):
     """Base class of a chapter's widget. Subclasses build their state and controls, wire each
     control with `on_change` / `on_click`, call ``super().__init__(controls, figure=...)``, and
     implement `render` (and `figure` when ``figure=True``)."""
@@ -113,9 +114,9 @@ class Lab:
         self.refresh()
 
     # ---- what a subclass provides -------------------------------------------------------------
+    @abstractmethod
     def render(self) -> str:
         """HTML of the current state."""
-        raise NotImplementedError
 
     def figure(self):
         """A matplotlib ``Figure`` of the current state, or None (only with ``figure=True``)."""
