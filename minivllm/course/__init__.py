@@ -1,5 +1,6 @@
-"""The course's own models, shipped as package data: a small Qwen3 trained on the Python standard
-library and a much smaller draft model with the same tokenizer (for speculative decoding).
+"""The course's own models, shipped as package data: a small Qwen3 trained on Python source code (the
+standard library and pinned open-source packages, `minivllm.course.corpus`) and a much smaller draft
+model with the same tokenizer (for speculative decoding).
 
     from minivllm import LLM
     from minivllm import course

@@ -1,29 +1,20 @@
-"""Train the course models from scratch on the Python standard library, on a CPU, offline.
+"""Train the course models from scratch on Python source code, on a CPU, offline once the corpus is built.
 
-    python -m minivllm.course.train --out minivllm/course/models --minutes-target 27 --minutes-draft 3 --seed 0
+    python -m minivllm.course.train --out minivllm/course/models --minutes-target 44 --minutes-draft 9 --seed 0
 
-(about 32 minutes on 2 quiet CPU cores: the budgets count training steps, the compile included; the
-corpus, tokenizer, evaluations and sample completions add about two minutes).
+(the budgets count training steps, the compile included; building the corpus -- a pip download of the
+pinned wheels the first time -- the tokenizer, evaluations and sample completions add a few minutes).
 
-writes ``<out>/target`` (a ~11 M-parameter Qwen3) and ``<out>/draft`` (a ~1.3 M-parameter Qwen3 with the
-same tokenizer), each a Hugging Face folder (config.json, generation_config.json, model.safetensors in
-float16, tokenizer files with a ChatML chat template) plus a README.md model card.
+writes ``<out>/target`` and ``<out>/draft`` (Qwen3s of the sizes in `SPECS`, the draft at most a quarter of
+the target, same tokenizer), each a Hugging Face folder (config.json, generation_config.json,
+model.safetensors in float16, tokenizer files with a ChatML chat template) plus a README.md model card;
+``python -m minivllm.course.quality`` then adds the card's quality figures.
 
-Corpus: the ``.py`` files of the running interpreter's standard library (``sysconfig`` "stdlib"), in
-sorted order, leaving out
-  * folders named test, tests, idle_test (the test suites), site-packages / dist-packages (third-party
-    code), encodings and pydoc_data (codec tables, the generated help text), __pycache__,
-    lib-dynload and config-3.*;
-  * machine-generated ``_sysconfigdata_*.py`` (build paths of the machine that built Python);
-  * files over 300,000 characters;
-  * table-like modules: if at least 100 of a file's code lines (non-blank, not comments) and at least
-    40% of them are literal-only (nothing left once string and number literals -- hex included -- and
-    the punctuation ``,:()[]{}+-`` are removed, like ``'AElig': 0xc6,``), the file is a data table
-    (html/entities.py, stringprep.py, _compat_pickle.py, locale.py's alias table, opcode.py, ...).
-About 2% of the remaining files (those whose path's SHA-1 is 0 mod 50) are held out for validation.
+Corpus: `minivllm.course.corpus` (the standard library and the sources of pinned, permissively licensed
+pure-Python packages, filtered, deduplicated, about 2% of the files held out).
 
 Tokenizer: byte-level BPE (``tokenizers``, no normaliser, so indentation and every byte round-trip),
-GPT-2's pre-tokenisation, 4096 ids including ``<|endoftext|>`` (EOS, between files),
+runs of newlines split off, then GPT-2's pre-tokenisation, 4096 ids including ``<|endoftext|>`` (EOS, between files),
 ``<|im_start|>`` and ``<|im_end|>``; trained on the training files only.
 
 Training: plain torch AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, gradient clipping at 1.0),
@@ -41,19 +32,18 @@ bit for bit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from minivllm.course.corpus import RULE, Corpus, collect_corpus
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END]
@@ -63,12 +53,6 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings", "pydoc_data",
-             "__pycache__", "lib-dynload"}
-MAX_FILE_CHARS = 300_000
-TABLE_MIN_LINES, TABLE_FRACTION = 100, 0.4
-VAL_MODULUS = 50  # a file is held out when sha1(path) % 50 == 0: about 2%
 
 SAMPLE_PROMPTS = ["def fibonacci(n):", "class Stack:", "import os\n", "for i in range("]
 
@@ -91,96 +75,22 @@ SPECS = {
 }
 
 
-# ----------------------------------------------------------------------------------------- corpus
-_LITERAL = re.compile(
-    r"""[rbuRBUfF]{0,2}('''.*?'''|\"\"\".*?\"\"\"|'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")"""
-    r"""|\b0[xXoObB][0-9a-fA-F_]+\b|\b\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?[jJ]?\b""")
-_PUNCT = re.compile(r"[\s,:()\[\]{}+\-]")
-
-
-def table_stats(text: str) -> tuple[int, int]:
-    """(code lines, literal-only code lines) of a Python source."""
-    code = literal = 0
-    for line in text.splitlines():
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        code += 1
-        if not _PUNCT.sub("", _LITERAL.sub("", s)):
-            literal += 1
-    return code, literal
-
-
-def is_table_like(text: str) -> bool:
-    code, literal = table_stats(text)
-    return literal >= TABLE_MIN_LINES and literal >= TABLE_FRACTION * code
-
-
-@dataclass
-class Corpus:
-    root: str
-    train: list[tuple[str, str]]  # (path relative to root, text)
-    val: list[tuple[str, str]]
-    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> relative paths
-
-    def chars(self, split: str) -> int:
-        return sum(len(t) for _, t in getattr(self, split))
-
-
-def collect_corpus(root: str | None = None) -> Corpus:
-    """The stdlib's .py files, filtered and split (see the module docstring)."""
-    root = os.path.realpath(root or sysconfig.get_paths()["stdlib"])
-    corpus = Corpus(root, [], [])
-    skip = corpus.skipped
-    for folder, dirs, files in os.walk(root):
-        kept = []
-        for d in sorted(dirs):
-            if d == "__pycache__":
-                continue
-            if d in SKIP_DIRS or d.startswith("config-"):
-                skip.setdefault(f"folder {d}/", []).append(os.path.relpath(os.path.join(folder, d), root))
-            else:
-                kept.append(d)
-        dirs[:] = kept
-        for name in sorted(files):
-            if not name.endswith(".py"):
-                continue
-            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-            if name.startswith("_sysconfigdata"):
-                skip.setdefault("generated (_sysconfigdata)", []).append(rel)
-                continue
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    text = f.read()
-            except (UnicodeDecodeError, OSError):
-                skip.setdefault("not UTF-8 / unreadable", []).append(rel)
-                continue
-            if not text.strip():
-                continue
-            if len(text) > MAX_FILE_CHARS:
-                skip.setdefault(f"over {MAX_FILE_CHARS:,} characters", []).append(rel)
-                continue
-            if is_table_like(text):
-                skip.setdefault("table-like", []).append(rel)
-                continue
-            held_out = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big") % VAL_MODULUS == 0
-            (corpus.val if held_out else corpus.train).append((rel, text))
-    corpus.train.sort()
-    corpus.val.sort()
-    return corpus
-
-
 # -------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     """Byte-level BPE with EOS and ChatML tokens, wrapped for ``AutoTokenizer.from_pretrained``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # GPT-2's split: words and numbers with their leading space, punctuation runs, newlines with the
-    # indentation after them. It keeps "):" apart from the newline that follows, so a prompt that ends
-    # in ":" or "(" is tokenised as the same text is in the corpus.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Newlines first, on their own: GPT-2's split alone glues a newline to the indentation after it
+    # (":\n    " -> ":", "\n   ", " return"), so a prompt ending in ":\n" would end in a token that in
+    # the corpus only ever precedes an unindented line, and the model would start a new top-level
+    # statement. Then GPT-2's split: words and numbers with their leading space, punctuation runs,
+    # whitespace runs; it keeps "):" apart from what follows, so a prompt that ends in ":" or "(" is
+    # tokenised as the same text is in the corpus.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -452,15 +362,18 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
         f"{cfg['max_position_embeddings']} (quality degrades past {train_info['context']}) |",
         f"| weights | float16 safetensors, {size / 1e6:.1f} MB |",
         "", "## Training data", "",
-        f"The `.py` files of the Python {corpus_info['python']} standard library that ships with the "
-        f"interpreter (`sysconfig.get_paths()['stdlib']`), license PSF. Left out: {corpus_info['rule']}",
-        "",
+        "The `.py` files of the Python standard library and of pinned, permissively licensed pure-Python "
+        "packages (each its `py3-none-any` wheel from PyPI), built by `minivllm.course.corpus`. Left out: "
+        + RULE, "",
+        "| source | version | licence | wheel SHA-256 | train files | train characters | validation files |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+        *corpus_info["sources"], "",
         "| | train | validation |", "| --- | --- | --- |",
         f"| files | {corpus_info['train_files']:,} | {corpus_info['val_files']:,} |",
         f"| characters | {corpus_info['train_chars']:,} | {corpus_info['val_chars']:,} |",
         f"| tokens | {corpus_info['train_tokens']:,} | {corpus_info['val_tokens']:,} |",
         "",
-        f"Files left out: {corpus_info['skipped_summary']}. Validation files: {corpus_info['val_names']}.",
+        f"Files left out: {corpus_info['skipped_summary']}.",
         "", "## Training", "",
         "| | |", "| --- | --- |",
         f"| steps | {stats.steps:,} of {train_info['batch']} x {train_info['context']} tokens |",
@@ -478,6 +391,13 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
         f"on the first {stats.val_tokens:,} held-out tokens, with the float16 weights that ship |",
         f"| final training loss | {stats.final_train_loss:.3f} (moving average) |",
         "",
+        f"What bounds it: {stats.tokens_seen / 1e6:.1f} M tokens seen is {stats.tokens_seen / stats.params:.1f} per "
+        "parameter, short of the ~20 that compute-optimal training (Hoffmann et al., 2022) gives a model this size, "
+        f"and {stats.epochs:.2f} of the corpus: on a CPU the time budget binds, not the data. The run's arithmetic "
+        f"(6 x parameters x tokens = {6 * stats.params * stats.tokens_seen / 1e15:.2f} PFLOP) takes a GPU seconds "
+        "to minutes, so there the corpus would bind instead: a 30 M-parameter target would want about 600 M tokens, "
+        "some 30 passes over this corpus, and a GPU run would first grow the corpus (more packages, the Python "
+        "documentation).", "",
         "Reproduce (the command that made these weights, then the exact replay of its step counts):", "",
         "```bash", train_info["command"], train_info["replay"], "```", "",
         "The run was budgeted in wall time, so its step count depends on the machine (and on anything "
@@ -499,6 +419,13 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
         f.write("\n".join(lines) + "\n")
 
 
+def source_rows(corpus: Corpus) -> list[str]:
+    """The card's table rows: one per source of the corpus."""
+    train, val = corpus.by_source("train"), corpus.by_source("val")
+    return [f"| {s.name} | {s.version} | {s.licence} | {s.sha256[:12] or '-'} | {train.get(s.name, (0, 0))[0]:,} | "
+            f"{train.get(s.name, (0, 0))[1]:,} | {val.get(s.name, (0, 0))[0]:,} |" for s in corpus.sources]
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -513,15 +440,16 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder that receives target/ and draft/")
-    parser.add_argument("--minutes-target", type=float, default=27.0, help="training-step budget (default 27)")
-    parser.add_argument("--minutes-draft", type=float, default=3.0, help="training-step budget (default 3)")
+    parser.add_argument("--cache", default="~/.cache/minivllm/corpus", help="where the corpus wheels are kept")
+    parser.add_argument("--minutes-target", type=float, default=44.0, help="training-step budget (default 44)")
+    parser.add_argument("--minutes-draft", type=float, default=9.0, help="training-step budget (default 9)")
     parser.add_argument("--steps-target", type=int, default=None, help="exact step count (overrides minutes)")
     parser.add_argument("--steps-draft", type=int, default=None, help="exact step count (overrides minutes)")
     parser.add_argument("--models", default="target,draft", help="which to train (default both)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4, help="windows per step")
-    parser.add_argument("--warmup", type=int, default=20, help="warmup steps")
+    parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between quick validation checks")
     parser.add_argument("--val-tokens", type=int, default=32768, help="held-out tokens in the final validation")
     parser.add_argument("--threads", type=int, default=2)
@@ -544,8 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     t_start = time.perf_counter()
 
-    corpus = collect_corpus()
-    print(f"corpus: {corpus.root}: {len(corpus.train)} train files ({corpus.chars('train'):,} chars), "
+    corpus = collect_corpus(args.cache)
+    print(f"corpus: {len(corpus.sources)} sources, {len(corpus.train)} train files ({corpus.chars('train'):,} chars), "
           f"{len(corpus.val)} validation files ({corpus.chars('val'):,} chars); left out: "
           + ", ".join(f"{k}: {len(v)}" for k, v in corpus.skipped.items()), flush=True)
     t0 = time.perf_counter()
@@ -561,18 +489,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import tokenizers
     import transformers
-    skipped = "; ".join(f"{reason}: {len(v)} ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})"
-                        for reason, v in corpus.skipped.items())
     corpus_info = dict(
-        python=platform.python_version(), rule=(
-            "folders test/, tests/, idle_test/ (test suites), site-packages/, dist-packages/, encodings/ (codec "
-            "tables), pydoc_data/ (generated help text), lib-dynload/, config-*/; generated `_sysconfigdata_*.py`; "
-            f"files over {MAX_FILE_CHARS:,} characters; table-like files (at least {TABLE_MIN_LINES} and "
-            f"{TABLE_FRACTION:.0%} of the code lines hold nothing but literals and punctuation, like "
-            "`'AElig': 0xc6,`). About 2% of the remaining files (SHA-1 of the path = 0 mod 50) are held out."),
-        train_files=len(corpus.train), val_files=len(corpus.val), train_chars=corpus.chars("train"),
-        val_chars=corpus.chars("val"), train_tokens=len(train_ids), val_tokens=len(val_ids),
-        skipped_summary=skipped, val_names=", ".join(f"`{r}`" for r, _ in corpus.val))
+        sources=source_rows(corpus), train_files=len(corpus.train), val_files=len(corpus.val),
+        train_chars=corpus.chars("train"), val_chars=corpus.chars("val"), train_tokens=len(train_ids),
+        val_tokens=len(val_ids), skipped_summary="; ".join(
+            f"{reason}: {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+            for reason, v in corpus.skipped.items()))
 
     results = {}
     for name in names:
