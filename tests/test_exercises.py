@@ -415,13 +415,13 @@ def test_block_manager_check_passes_the_engines_own(capsys):
 
 
 @pytest.mark.parametrize("flawed,words", [
-    (FreeIgnoresSharing, "after step 8: block 0 has ref_count 0 but 5 block tables hold it (requests r0, r1, r2, r3, r4)"),
-    (FreeQueuesHeldBlocks, "step 8: free() raised ValueError: block_id=3 has ref_count 5: only a block no request holds"),
-    (FreeKeepsComputedTokens, "after step 8: request r5 was preempted, but its num_computed_tokens is 31"),
+    (FreeIgnoresSharing, "after step 9: block 0 has ref_count 0 but 5 block tables hold it (requests r0, r1, r2, r3, r4)"),
+    (FreeQueuesHeldBlocks, "step 9: free() raised ValueError: block_id=3 has ref_count 5: only a block no request holds"),
+    (FreeKeepsComputedTokens, "after step 9: request r5 was preempted, but its num_computed_tokens is 31"),
     (AllocateSetsOneReference, "after step 0: block 0 has ref_count 1 but 6 block tables hold it"),
-    (AllocateLeavesHitsOnTheFreeQueue, "after step 16: block 0 with ref_count 5 is in the free queue"),
+    (AllocateLeavesHitsOnTheFreeQueue, "after step 16: request r4 lists a block twice"),
     (AllocateRecordsNoHits, "step 0: the trace records 0 prefix-cache block hits with your block manager, 20 with the stock one"),
-    (IgnoresTheCache, "step 0: the scheduler ran request r1 on tokens 0-23 with your block manager, on tokens 16-23 with the stock one"),
+    (IgnoresTheCache, "step 0: the scheduler ran request r1 on tokens 0-22 with your block manager, on tokens 16-22 with the stock one"),
     (UnchainedHashes, "after step 0: request r0's logical block 1 (block 1) has hash"),
     (NeverHashes, "after step 0: request r0's logical block 0 (block 0) is full but has no hash"),
     (LookupRaises, "step 0: find_cached_prefix() raised KeyError"),
@@ -536,13 +536,13 @@ def test_policy_check_passes_the_engines_own(capsys):
 
 
 @pytest.mark.parametrize("flawed,words", [
-    (AdmitsWithTheFullBudget(), "in the engine, step 1: your policy scheduled 32 tokens (r0: 1, r1: 7, r2: 24), "
+    (AdmitsWithTheFullBudget(), "in the engine, step 1: your policy scheduled 33 tokens (r0: 1, r1: 8, r2: 24), "
                                 "more than the budget max_num_batched_tokens=24"),
-    (NeverPreempts(), "in the engine, step 10: your policy scheduled nothing while 4 requests run and 4 wait "
+    (NeverPreempts(), "in the engine, step 9: your policy scheduled nothing while 4 requests run and 4 wait "
                       "(0 free KV blocks): the engine cannot go on"),
-    (IgnoresMaxNumSeqs(), "in the engine, step 3: 5 requests are running after your policy's step, more than max_num_seqs=4"),
-    (PreemptsTheOldest(), "in the simulator, step 540: your policy raised ValueError: seq='r0' already runs in this step"),
-    (RaisesOnAdmission(), "in the engine, step 0: your policy raised ValueError: num_new_tokens=0 must be in [1, 22]"),
+    (IgnoresMaxNumSeqs(), "in the engine, step 22: 5 requests are running after your policy's step, more than max_num_seqs=4"),
+    (PreemptsTheOldest(), "in the engine, step 15: your policy raised ValueError: seq='r1' already runs in this step"),
+    (RaisesOnAdmission(), "in the engine, step 0: your policy raised ValueError: num_new_tokens=0 must be in [1, 23]"),
     (StaticBatching(), "in the simulator: your policy's output throughput is 419 tokens/s, no better than static "
                        "batching's 419"),
     (ContinuousBatching, "policy=<class 'minivllm.core.policy.ContinuousBatching'> must be an instance of a "
@@ -1014,7 +1014,7 @@ def test_radix_tree_workloads_reach_every_path():
     (HangsEveryNodeFromTheRoot, "workload 0, after step 1: the invariant check failed: request s0-0's logical block 1 "
                                 "(block 1) hangs under another block than the one before it"),
     (FilesUnderTheWrongToken, "workload 0, after step 1: the invariant check failed: block 0 is unreachable"),
-    (RegistersTokensTwice, "workload 2, after step 12: the invariant check failed: request s2-2's logical block 6"),
+    (RegistersTokensTwice, "workload 2, after step 8: the invariant check failed: request s2-1's logical block 5"),
     (BlockManager, "BlockManager does not subclass RadixBlockManager"),
 ])
 def test_radix_tree_check_rejects_a_flawed_tree(flawed, words, capsys):
