@@ -11,8 +11,9 @@ its metadata declares go to the model card, and a licence outside `PERMISSIVE` s
 
 From every source the ``.py`` files are kept, leaving out
   * folders of test suites (test, tests, testing, idle_test), vendored copies of other projects
-    (_vendor, vendor, _vendored; setuptools' _distutils, a copy of the library's distutils), site-packages / dist-packages, encodings and pydoc_data (codec tables,
-    generated help text), lib-dynload and config-3.*;
+    (_vendor, vendor, _vendored; setuptools' _distutils, a copy of the library's distutils),
+    site-packages / dist-packages, encodings and pydoc_data (codec tables, generated help text),
+    lib-dynload and config-3.*;
   * machine-generated ``_sysconfigdata_*.py`` (build paths of the machine that built Python);
   * files over 300,000 characters, and empty ones;
   * table-like modules: if at least 100 of a file's code lines (non-blank, not comments) and at least
@@ -50,14 +51,14 @@ PACKAGES = (
 )
 PERMISSIVE = ("MIT", "BSD", "Apache", "PSF", "ISC")
 
-SKIP_DIRS = {"test", "tests", "testing", "idle_test", "_vendor", "vendor", "_vendored", "_distutils", "site-packages",
-             "dist-packages", "encodings", "pydoc_data", "__pycache__", "lib-dynload"}
+SKIP_DIRS = {"test", "tests", "testing", "idle_test", "_vendor", "vendor", "_vendored", "_distutils",
+             "site-packages", "dist-packages", "encodings", "pydoc_data", "__pycache__", "lib-dynload"}
 MAX_FILE_CHARS = 300_000
 TABLE_MIN_LINES, TABLE_FRACTION = 100, 0.4
 VAL_MODULUS = 50  # a file is held out when sha1(path) % 50 == 0: about 2%
 RULE = ("folders of test suites (test/, tests/, testing/, idle_test/), vendored code (_vendor/, vendor/, "
-        "_vendored/, _distutils/), site-packages/, dist-packages/, encodings/ (codec tables), pydoc_data/ (generated help "
-        "text), lib-dynload/, config-*/; generated `_sysconfigdata_*.py`; empty files and files over "
+        "_vendored/, _distutils/), site-packages/, dist-packages/, encodings/ (codec tables), pydoc_data/ "
+        "(generated help text), lib-dynload/, config-*/; generated `_sysconfigdata_*.py`; empty files and files over "
         f"{MAX_FILE_CHARS:,} characters; table-like files (at least {TABLE_MIN_LINES} and {TABLE_FRACTION:.0%} "
         "of the code lines hold nothing but literals and punctuation, like `'AElig': 0xc6,`); exact duplicates "
         "(the standard library's copy, then the first package's, stays). About 2% of the files (SHA-1 of the "
