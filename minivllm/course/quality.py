@@ -105,22 +105,22 @@ def reference(val_files: list[tuple[str, str]], headers: list[str], tokenizer_fo
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     parsed = clean = 0
     for header in headers:
-        text = next(t for _, t in val_files if re.search(rf"^{re.escape(header)}[ \t]*$", t, re.M))
-        start = re.search(rf"^{re.escape(header)}[ \t]*$", text, re.M).end()
-        ids = tokenizer.encode(text[start:start + 32 * max_tokens], add_special_tokens=False)[:max_tokens]
+        line = re.compile(rf"^{re.escape(header)}[ \t]*$", re.M)
+        found = next(m for _, text in val_files if (m := line.search(text)))
+        after = found.string[found.end():found.end() + 32 * max_tokens]  # more than max_tokens tokens hold
+        ids = tokenizer.encode(after, add_special_tokens=False)[:max_tokens]
         parsed += parses(cut_to_complete_lines(header + tokenizer.decode(ids), len(ids) < max_tokens))
         clean += not is_degenerate(ids)
     return parsed / len(headers), clean / len(headers)
 
 
-def measure(pair: str, val_files: list[tuple[str, str]], *, prompts: int = 30, max_tokens: int = 64, k: int = 4,
+def measure(pair: str, val_files: list[tuple[str, str]], headers: list[str], *, max_tokens: int = 64, k: int = 4,
             context: int = 512, num_windows: int = 64) -> Quality:
     from minivllm import LLM, SamplingParams
     from minivllm.benchmarks.spec_decode import summed
 
     target, draft = os.path.join(pair, "target"), os.path.join(pair, "draft")
     loss, bits, tokens = validation_loss(target, [t for _, t in val_files], context, num_windows)
-    headers = header_prompts(val_files, prompts)
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = LLM(target, device="cpu", num_kv_blocks=512).generate(headers, greedy, use_tqdm=False)
     completions = [o.outputs[0] for o in outs]
@@ -130,7 +130,8 @@ def measure(pair: str, val_files: list[tuple[str, str]], *, prompts: int = 30, m
     spec = LLM(target, device="cpu", num_kv_blocks=512, speculative_config={
         "method": "draft_model", "model": draft, "num_speculative_tokens": k})
     metrics = summed(spec.generate(headers, greedy, use_tqdm=False))
-    return Quality(loss, bits, tokens, parsed / prompts, 1 - repetitive / prompts, metrics.acceptance_rate, prompts)
+    n = len(headers)
+    return Quality(loss, bits, tokens, parsed / n, 1 - repetitive / n, metrics.acceptance_rate, n)
 
 
 def table(results: dict[str, Quality], k: int, ceiling: tuple[float, float]) -> list[str]:
@@ -178,12 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     pairs = dict(p.split("=", 1) for p in args.pair)
     torch.set_num_threads(args.threads)
     val = collect_corpus(args.cache).val
+    headers = header_prompts(val, args.prompts)
     results = {}
     for label, folder in pairs.items():
-        results[label] = measure(folder, val, prompts=args.prompts, max_tokens=args.max_tokens, k=args.k)
+        results[label] = measure(folder, val, headers, max_tokens=args.max_tokens, k=args.k)
         print(label, asdict(results[label]), flush=True)
-    ceiling = reference(val, header_prompts(val, args.prompts), os.path.join(list(pairs.values())[-1], "target"),
-                        args.max_tokens)
+    ceiling = reference(val, headers, os.path.join(list(pairs.values())[-1], "target"), args.max_tokens)
     lines = table(results, args.k, ceiling)
     print("\n".join(lines))
     if args.card:

@@ -422,8 +422,12 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
 def source_rows(corpus: Corpus) -> list[str]:
     """The card's table rows: one per source of the corpus."""
     train, val = corpus.by_source("train"), corpus.by_source("val")
-    return [f"| {s.name} | {s.version} | {s.licence} | {s.sha256[:12] or '-'} | {train.get(s.name, (0, 0))[0]:,} | "
-            f"{train.get(s.name, (0, 0))[1]:,} | {val.get(s.name, (0, 0))[0]:,} |" for s in corpus.sources]
+    rows = []
+    for s in corpus.sources:
+        (files, chars), (val_files, _) = train.get(s.name, (0, 0)), val.get(s.name, (0, 0))
+        rows.append(f"| {s.name} | {s.version} | {s.licence} | {s.sha256[:12] or '-'} | {files:,} | {chars:,} | "
+                    f"{val_files:,} |")
+    return rows
 
 
 def _machine() -> str:
