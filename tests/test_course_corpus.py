@@ -46,6 +46,7 @@ def test_wheel_licence_prefers_the_expression_then_the_classifiers():
     assert corpus.wheel_licence("Name: a\nClassifier: License :: OSI Approved :: BSD License\n"
                                 "Classifier: Programming Language :: Python\n") == "BSD License"
     assert corpus.wheel_licence("Name: a\nLicense: Apache 2.0\n  more\n") == "Apache 2.0"
+    assert corpus.wheel_licence("Name: a\nLicense:  \n") == ""  # a blank field: no licence, refused later
 
 
 def test_collect_corpus_filters_deduplicates_and_splits(tmp_path):

@@ -192,7 +192,8 @@ def wheel_licence(metadata: str) -> str:
                    if c.startswith("License ::") and c.strip() != "License :: OSI Approved"]
     if classifiers:
         return " / ".join(classifiers)
-    return (meta.get("License") or "").strip().splitlines()[0] if meta.get("License") else ""
+    lines = (meta.get("License") or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def wheel_files(path: str):
