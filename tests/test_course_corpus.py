@@ -49,6 +49,68 @@ def test_wheel_licence_prefers_the_expression_then_the_classifiers():
     assert corpus.wheel_licence("Name: a\nLicense:  \n") == ""  # a blank field: no licence, refused later
 
 
+MULTI_LINE_DOCS = '''"""Module summary.
+
+Details of the module.
+"""
+import os
+
+
+class Stack:
+    """A stack.
+
+    Backed by a list.
+    """
+
+    def push(self, item):
+        """
+        Push ``item``.
+
+        Args: item
+        """
+        self.items.append(item)
+
+    def pop(self):
+        """One line already."""
+        return self.items.pop()
+
+    def peek(self):
+        r"""Top \\alpha
+        without popping."""
+
+    def size(self):
+        """Says "how many"
+        items."""
+        return len(self.items)
+'''
+SUMMARIZED_HEAD = '''"""Module summary."""
+import os
+
+
+class Stack:
+    """A stack."""
+
+    def push(self, item):
+        """Push ``item``."""
+        self.items.append(item)
+
+'''
+
+
+def test_summarize_docstrings_keeps_each_summary_line_and_every_code_line():
+    rest = MULTI_LINE_DOCS[MULTI_LINE_DOCS.index("    def pop"):]  # one-liner, and summaries needing escapes
+    assert corpus.summarize_docstrings(MULTI_LINE_DOCS) == SUMMARIZED_HEAD + rest
+
+
+@pytest.mark.parametrize("text", [
+    "def f(): '''shares\n    its line'''\n",  # the docstring starts on the header's line
+    "def f():\n    '''doc\n    more'''; x = 1\n",  # another statement shares its last line
+    "print 'python 2'\n",  # does not parse: left alone
+])
+def test_summarize_docstrings_leaves_what_it_cannot_rewrite_line_for_line(text):
+    assert corpus.summarize_docstrings(text) == text
+
+
 def test_collect_corpus_filters_deduplicates_and_splits(tmp_path):
     stdlib = tmp_path / "stdlib"
     (stdlib / "site-packages" / "other").mkdir(parents=True)

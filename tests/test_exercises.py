@@ -181,11 +181,15 @@ def assert_passes(result: checks.CheckResult, name: str, capsys) -> None:
     assert capsys.readouterr().out.splitlines()[-1] == f"PASS  {name}"
 
 
-def assert_fails_with(result: checks.CheckResult, words: str, name: str, capsys) -> None:
-    """``result`` failed at a case whose words begin with ``words``, and the check printed ``FAIL  name: ...``
-    last."""
+def assert_fails_with(result: checks.CheckResult, words: str | re.Pattern, name: str, capsys) -> None:
+    """``result`` failed at a case whose words begin with ``words`` (or match the pattern: where the step,
+    block or count depends on the course model's tokens, which a retrain changes), and the check printed
+    ``FAIL  name: ...`` last."""
     assert not result
-    assert result.failure.startswith(words), result.failure
+    if isinstance(words, re.Pattern):
+        assert words.match(result.failure), result.failure
+    else:
+        assert result.failure.startswith(words), result.failure
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"FAIL  {name}: ")
 
 
@@ -416,12 +420,16 @@ def test_block_manager_check_passes_the_engines_own(capsys):
 
 @pytest.mark.parametrize("flawed,words", [
     (FreeIgnoresSharing, "after step 9: block 0 has ref_count 0 but 5 block tables hold it (requests r0, r1, r2, r3, r4)"),
-    (FreeQueuesHeldBlocks, "step 9: free() raised ValueError: block_id=3 has ref_count 5: only a block no request holds"),
-    (FreeKeepsComputedTokens, "after step 9: request r5 was preempted, but its num_computed_tokens is 31"),
+    (FreeQueuesHeldBlocks, re.compile(r"step \d+: free\(\) raised ValueError: block_id=\d+ has ref_count [2-9]: "
+                                      "only a block no request holds")),
+    (FreeKeepsComputedTokens, re.compile(r"after step \d+: request r\d+ was preempted, but its num_computed_tokens "
+                                         r"is [1-9]\d*: free\(\) must reset it to 0")),
     (AllocateSetsOneReference, "after step 0: block 0 has ref_count 1 but 6 block tables hold it"),
     (AllocateLeavesHitsOnTheFreeQueue, "after step 16: request r4 lists a block twice"),
-    (AllocateRecordsNoHits, "step 0: the trace records 0 prefix-cache block hits with your block manager, 20 with the stock one"),
-    (IgnoresTheCache, "step 0: the scheduler ran request r1 on tokens 0-22 with your block manager, on tokens 16-22 with the stock one"),
+    (AllocateRecordsNoHits, re.compile(r"step 0: the trace records 0 prefix-cache block hits with your block manager, "
+                                       r"[1-9]\d* with the stock one")),
+    (IgnoresTheCache, re.compile(r"step 0: the scheduler ran request r1 on tokens 0-(\d+) with your block manager, "
+                                 r"on tokens 16-\1 with the stock one")),
     (UnchainedHashes, "after step 0: request r0's logical block 1 (block 1) has hash"),
     (NeverHashes, "after step 0: request r0's logical block 0 (block 0) is full but has no hash"),
     (LookupRaises, "step 0: find_cached_prefix() raised KeyError"),
@@ -1014,7 +1022,9 @@ def test_radix_tree_workloads_reach_every_path():
     (HangsEveryNodeFromTheRoot, "workload 0, after step 1: the invariant check failed: request s0-0's logical block 1 "
                                 "(block 1) hangs under another block than the one before it"),
     (FilesUnderTheWrongToken, "workload 0, after step 1: the invariant check failed: block 0 is unreachable"),
-    (RegistersTokensTwice, "workload 2, after step 8: the invariant check failed: request s2-1's logical block 5"),
+    (RegistersTokensTwice, re.compile(r"workload \d+, after step \d+: the invariant check failed: request s\d+-\d+'s "
+                                      r"logical block \d+ \(block \d+\) records tokens \[[\d, ]+\], but the request's computed "
+                                      r"tokens there are \[[\d, ]+\]")),
     (BlockManager, "BlockManager does not subclass RadixBlockManager"),
 ])
 def test_radix_tree_check_rejects_a_flawed_tree(flawed, words, capsys):
