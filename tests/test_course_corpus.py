@@ -2,6 +2,7 @@
 on hand-made files and wheels: no download, no model."""
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import zipfile
 
@@ -41,12 +42,16 @@ def test_table_stats_counts_literal_only_lines():
     assert corpus.table_stats("# comment\n\nx = 1\n'a': 0x10,\n(1, 2.5e3, 'b'),\n") == (3, 2)
 
 
+def wheel_licence(metadata: str) -> str:
+    return corpus.wheel_licence(email.parser.HeaderParser().parsestr(metadata))
+
+
 def test_wheel_licence_prefers_the_expression_then_the_classifiers():
-    assert corpus.wheel_licence("Name: a\nLicense-Expression: MIT\nLicense: long text\n") == "MIT"
-    assert corpus.wheel_licence("Name: a\nClassifier: License :: OSI Approved :: BSD License\n"
+    assert wheel_licence("Name: a\nLicense-Expression: MIT\nLicense: long text\n") == "MIT"
+    assert wheel_licence("Name: a\nClassifier: License :: OSI Approved :: BSD License\n"
                                 "Classifier: Programming Language :: Python\n") == "BSD License"
-    assert corpus.wheel_licence("Name: a\nLicense: Apache 2.0\n  more\n") == "Apache 2.0"
-    assert corpus.wheel_licence("Name: a\nLicense:  \n") == ""  # a blank field: no licence, refused later
+    assert wheel_licence("Name: a\nLicense: Apache 2.0\n  more\n") == "Apache 2.0"
+    assert wheel_licence("Name: a\nLicense:  \n") == ""  # a blank field: no licence, refused later
 
 
 MULTI_LINE_DOCS = '''"""Module summary.
@@ -106,6 +111,7 @@ def test_summarize_docstrings_keeps_each_summary_line_and_every_code_line():
     "def f(): '''shares\n    its line'''\n",  # the docstring starts on the header's line
     "def f():\n    '''doc\n    more'''; x = 1\n",  # another statement shares its last line
     "print 'python 2'\n",  # does not parse: left alone
+    'def f():\n    """\n    """\n    return 1\n',  # a blank docstring has no summary to keep
 ])
 def test_summarize_docstrings_leaves_what_it_cannot_rewrite_line_for_line(text):
     assert corpus.summarize_docstrings(text) == text

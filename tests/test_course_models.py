@@ -52,10 +52,9 @@ class Counter:
 '''
 
 
-def indents_its_blocks(folder: str) -> tuple[bool, list[str]]:
+def indents_its_blocks(llm: LLM) -> tuple[bool, list[str]]:
     """Greedy, 16 tokens after each header of `HEADERS`: does the completion go on, on a new line,
     indented deeper than the header, with a statement (a keyword, a name or a docstring)?"""
-    llm = LLM(folder, num_kv_blocks=64)
     outs = llm.generate(list(HEADERS), SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     texts = [h + o.outputs[0].text for h, o in zip(HEADERS, outs)]
     body = re.compile(r"^[^\n]*:\n+( +)(\"\"\"|[A-Za-z_])")
@@ -136,10 +135,10 @@ def test_newlines_are_tokens_of_their_own(llms):
 
 
 @needs_weights
-def test_target_writes_python():
+def test_target_writes_python(llms):
     """Block structure in greedy completions, and a hand-written snippet predicted far better than chance
     (a uniform guess over the vocabulary costs ln 4096 = 8.3 nats per token)."""
-    ok, texts = indents_its_blocks(SHIPPED["target"])
+    ok, texts = indents_its_blocks(llms["target"])
     assert ok, "a completion is not an indented block:\n" + "\n---\n".join(texts)
     assert snippet_loss(SHIPPED["target"]) < 0.4 * math.log(4096)
 
@@ -155,6 +154,6 @@ def test_a_random_model_of_the_same_shape_does_not(tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path)
-    ok, texts = indents_its_blocks(str(tmp_path))
+    ok, texts = indents_its_blocks(LLM(str(tmp_path), num_kv_blocks=64))
     assert not ok, texts
     assert snippet_loss(str(tmp_path)) > 0.9 * math.log(4096)

@@ -31,6 +31,7 @@ course models held out too.
 from __future__ import annotations
 
 import ast
+import email.message
 import email.parser
 import hashlib
 import os
@@ -141,15 +142,16 @@ def skip_reason(path: str, text: str) -> str | None:
     return None
 
 
-def _summary_docstring(node: ast.Expr, lines: list[str]) -> str | None:
-    """The one line that replaces a multi-line docstring: its summary (first line) in triple quotes, or
-    None where that cannot be written faithfully (the statement shares a line, the summary is empty or
-    holds a quote or a backslash that would need escaping)."""
+DOCSTRING_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _summary_line(node: ast.Expr, summary: str, lines: list[str]) -> str | None:
+    """The one line that replaces the multi-line docstring statement ``node``: ``summary`` in triple
+    quotes, or None where that cannot be written faithfully (the statement shares a line, the summary is
+    empty or holds a quote or a backslash that would need escaping)."""
     first, last = lines[node.lineno - 1], lines[node.end_lineno - 1]
-    if node.lineno == node.end_lineno or first[:node.col_offset].strip() or last[node.end_col_offset:].strip():
-        return None
-    summary = (ast.get_docstring(ast.Module([node], []), clean=True) or "").split("\n")[0].strip()
-    if not summary or '"' in summary or "\\" in summary:
+    if (node.lineno == node.end_lineno or first[:node.col_offset].strip() or last[node.end_col_offset:].strip()
+            or not summary or '"' in summary or "\\" in summary):
         return None
     return first[:node.col_offset] + '"""' + summary + '"""\n'
 
@@ -166,13 +168,9 @@ def summarize_docstrings(text: str) -> str:
     lines = text.splitlines(keepends=True)
     replacements = []
     for scope in ast.walk(tree):
-        body = getattr(scope, "body", None)
-        if (isinstance(scope, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            line = _summary_docstring(body[0], lines)
-            if line is not None:
-                replacements.append((body[0].lineno - 1, body[0].end_lineno, line))
+        doc = ast.get_docstring(scope) if isinstance(scope, DOCSTRING_OWNERS) else None
+        if doc and (line := _summary_line(scope.body[0], doc.split("\n")[0].strip(), lines)):
+            replacements.append((scope.body[0].lineno - 1, scope.body[0].end_lineno, line))
     for start, end, line in sorted(replacements, reverse=True):
         lines[start:end] = [line]
     out = "".join(lines)
@@ -229,10 +227,9 @@ def download_wheels(cache: str, packages=PACKAGES) -> dict[str, str]:
     return wheels
 
 
-def wheel_licence(metadata: str) -> str:
+def wheel_licence(meta: email.message.Message) -> str:
     """The licence a wheel's METADATA declares: its License-Expression, else its licence classifiers,
     else the first line of its License field."""
-    meta = email.parser.HeaderParser().parsestr(metadata)
     if meta.get("License-Expression"):
         return meta["License-Expression"].strip()
     classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or []
@@ -248,11 +245,10 @@ def wheel_files(path: str):
     with zipfile.ZipFile(path) as z:
         names = sorted(n for n in z.namelist() if n.endswith(".py"))
         meta_name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        meta = z.read(meta_name).decode("utf-8")
-        parsed = email.parser.HeaderParser().parsestr(meta)
+        meta = email.parser.HeaderParser().parsestr(z.read(meta_name).decode("utf-8"))
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        source = Source(parsed["Name"], parsed["Version"], wheel_licence(meta), digest)
+        source = Source(meta["Name"], meta["Version"], wheel_licence(meta), digest)
         files = []
         for n in names:
             try:

@@ -314,9 +314,10 @@ def train_model(name: str, spec: ModelSpec, tokenizer, train_ids: torch.Tensor, 
 
 def native_bf16(device: str) -> bool:
     """Whether ``device`` computes bfloat16 natively, so that autocast speeds training up."""
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.device(device).type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return kind == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -410,8 +411,8 @@ def write_card(folder: str, spec: ModelSpec, stats: TrainStats, corpus_info: dic
         "Muennighoff et al., 2023): on a CPU the time budget binds, not the data. The run's arithmetic "
         f"(6 x parameters x tokens = {6 * stats.params * stats.tokens_seen / 1e15:.2f} PFLOP) takes a GPU seconds "
         "to minutes, so there the corpus would bind instead: a 30 M-parameter target would want about 600 M tokens, "
-        "some 30 passes over this corpus, and a GPU run would first grow the corpus (more packages, the Python "
-        "documentation).", "",
+        f"some {600e6 / corpus_info['train_tokens']:.0f} passes over this corpus, and a GPU run would first grow the "
+        "corpus (more packages, the Python documentation).", "",
         "Reproduce (the command that made these weights, then the exact replay of its step counts):", "",
         "```bash", train_info["command"], train_info["replay"], "```", "",
         "The run was budgeted in wall time, so its step count depends on the machine (and on anything "
